@@ -1,0 +1,294 @@
+"""FX helpers shared by the normfuse passes: op names, argument binding, fake values, mutation.
+
+Dynamo's torch-level graph spells one operation several ways (``x.sum()`` is a ``call_method``,
+``torch.sum(x)`` a ``call_function``; ``x ** 2`` is ``operator.pow``). ``op_name`` folds the
+spellings to one name so that the recognisers match on names, never on targets.
+"""
+
+from __future__ import annotations
+
+import builtins
+import operator
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch.multiprocessing.reductions import StorageWeakRef
+
+_FUNCTION_NAMES: dict[Any, str] = {
+    torch.sum: "sum",
+    torch.sqrt: "sqrt",
+    torch.pow: "pow",
+    operator.pow: "pow",
+    torch.square: "square",
+    torch.abs: "abs",
+    operator.abs: "abs",
+    builtins.abs: "abs",
+    torch.mul: "mul",
+    operator.mul: "mul",
+    torch.amax: "amax",
+    torch.amin: "amin",
+    torch.max: "max",
+    torch.min: "min",
+    torch.linalg.vector_norm: "vector_norm",
+    torch.linalg.norm: "linalg_norm",
+    torch.norm: "norm",
+    torch.functional.norm: "norm",
+    torch.stack: "stack",
+    torch.cat: "cat",
+    torch.concat: "cat",
+    torch.concatenate: "cat",
+    torch.select: "select",
+    torch.narrow: "narrow",
+    torch.unbind: "unbind",
+    torch.split: "split",
+    torch.chunk: "chunk",
+    torch.unsqueeze: "unsqueeze",
+    torch.reshape: "reshape",
+    torch.squeeze: "squeeze",
+    torch.flatten: "flatten",
+    operator.getitem: "getitem",
+    operator.add: "add",
+}
+
+_METHOD_NAMES: dict[str, str] = {
+    name: name
+    for name in (
+        "sum", "sqrt", "pow", "square", "abs", "mul", "amax", "amin", "max", "min", "norm",
+        "select", "narrow", "unbind", "split", "chunk", "unsqueeze", "reshape", "view",
+        "squeeze", "flatten", "to", "float", "double", "half", "bfloat16", "add",
+    )
+}
+_METHOD_NAMES.update({"__pow__": "pow", "__mul__": "mul", "__abs__": "abs", "__getitem__": "getitem"})
+
+# Parameter names in order, then defaults, for every op the recognisers read arguments of.
+# ``input`` is ``self`` for methods. An argument that is not listed makes binding fail, so an
+# unknown keyword (``out=``, ``alpha=``) is never silently dropped.
+_SIGNATURES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "sum": (("input", "dim", "keepdim"), {"dim": None, "keepdim": False, "dtype": None}),
+    "pow": (("input", "exponent"), {}),
+    "mul": (("input", "other"), {}),
+    "add": (("input", "other"), {}),
+    "sqrt": (("input",), {}),
+    "square": (("input",), {}),
+    "abs": (("input",), {}),
+    "amax": (("input", "dim", "keepdim"), {"dim": (), "keepdim": False}),
+    "amin": (("input", "dim", "keepdim"), {"dim": (), "keepdim": False}),
+    "max": (("input",), {}),
+    "min": (("input",), {}),
+    "vector_norm": (
+        ("input", "ord", "dim", "keepdim"),
+        {"ord": 2, "dim": None, "keepdim": False, "dtype": None},
+    ),
+    "linalg_norm": (
+        ("input", "ord", "dim", "keepdim"),
+        {"ord": None, "dim": None, "keepdim": False, "dtype": None},
+    ),
+    "norm": (
+        ("input", "p", "dim", "keepdim", "out", "dtype"),
+        {"p": "fro", "dim": None, "keepdim": False, "out": None, "dtype": None},
+    ),
+    "stack": (("tensors", "dim"), {"dim": 0}),
+    "cat": (("tensors", "dim"), {"dim": 0}),
+    "select": (("input", "dim", "index"), {}),
+    "narrow": (("input", "dim", "start", "length"), {}),
+    "unbind": (("input", "dim"), {"dim": 0}),
+    "split": (("input", "split_size_or_sections", "dim"), {"dim": 0}),
+    "chunk": (("input", "chunks", "dim"), {"dim": 0}),
+    "getitem": (("input", "index"), {}),
+    "to": (("input", "dtype"), {}),
+}
+
+
+def op_name(node: fx.Node) -> str | None:
+    """The canonical name of the operation a node performs, or None for anything else."""
+    if node.op == "call_function":
+        try:
+            return _FUNCTION_NAMES.get(node.target)
+        except TypeError:  # unhashable target
+            return None
+    if node.op == "call_method":
+        return _METHOD_NAMES.get(node.target)
+    return None
+
+
+def bind(node: fx.Node) -> dict[str, Any] | None:
+    """The node's arguments by parameter name, defaults filled in; None if they do not fit."""
+    name = op_name(node)
+    if name is None or name not in _SIGNATURES:
+        return None
+    positional, defaults = _SIGNATURES[name]
+    if len(node.args) > len(positional):
+        return None
+    bound = dict(defaults)
+    bound.update(zip(positional, node.args))
+    for key, value in node.kwargs.items():
+        if key not in positional and key not in defaults:
+            return None
+        bound[key] = value
+    if any(p not in bound for p in positional):
+        return None
+    return bound
+
+
+def example_value(node: Any) -> Any:
+    """The fake value a node carries: Dynamo's ``example_value``, or AOT's ``val``."""
+    if not isinstance(node, fx.Node):
+        return node
+    if "example_value" in node.meta:
+        return node.meta["example_value"]
+    return node.meta.get("val")
+
+
+def tensor_value(node: Any) -> torch.Tensor | None:
+    value = example_value(node)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_static_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def same_size(a: Any, b: Any) -> bool:
+    """Whether two (possibly symbolic) sizes are known equal, without adding a guard."""
+    if is_static_int(a) and is_static_int(b):
+        return a == b
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return bool(statically_known_true(a == b))
+
+
+def same_shape(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
+
+
+def normalize_dim(dim: Any, ndim: int) -> int | None:
+    if not is_static_int(dim):
+        return None
+    if ndim == 0 and dim in (0, -1):
+        return 0
+    if not -ndim <= dim < ndim:
+        return None
+    return dim % ndim
+
+
+def normalize_dims(dims: Any, ndim: int) -> tuple[int, ...] | None:
+    """An int or a sequence of ints as sorted non-negative dims; None if any is not an int."""
+    if is_static_int(dims):
+        dims = (dims,)
+    if not isinstance(dims, (tuple, list, torch.Size)):
+        return None
+    out = []
+    for d in dims:
+        nd = normalize_dim(d, ndim)
+        if nd is None or nd in out:
+            return None
+        out.append(nd)
+    return tuple(sorted(out))
+
+
+_INPLACE_OPERATORS = {
+    operator.setitem, operator.delitem, operator.iadd, operator.isub, operator.imul,
+    operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow, operator.iand,
+    operator.ior, operator.ixor, operator.ilshift, operator.irshift, operator.imatmul,
+}
+
+
+def is_mutating(node: fx.Node) -> bool:
+    """Whether a node may write to a tensor in place (Dynamo keeps such calls in its graph)."""
+    if node.op == "call_module":
+        return True  # opaque: assume the worst
+    if node.op == "call_method":
+        name = str(node.target)
+        return name.endswith("_") and not name.endswith("__")
+    if node.op != "call_function":
+        return False
+    if node.target in _INPLACE_OPERATORS:
+        return True
+    if node.kwargs.get("inplace") is True or node.kwargs.get("out") is not None:
+        return True
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target._schema.is_mutable
+    name = getattr(node.target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__")
+
+
+def is_impure(node: fx.Node) -> bool:
+    """Dead-code predicate that keeps in-place calls (``Graph.eliminate_dead_code`` drops them)."""
+    return is_mutating(node) or node.is_impure()
+
+
+def may_alias(a: fx.Node, b: Any) -> bool:
+    """Whether two nodes may share storage. Unknown storage counts as shared."""
+    va, vb = tensor_value(a), tensor_value(b)
+    if va is None or vb is None:
+        return True
+    try:
+        return StorageWeakRef(va.untyped_storage()) == StorageWeakRef(vb.untyped_storage())
+    except Exception:
+        return True
+
+
+def fake_mode_of(graph: fx.Graph):
+    """The fake mode of the graph's own example values (not the tracing context's)."""
+    for node in graph.nodes:
+        mode = getattr(tensor_value(node), "fake_mode", None)
+        if mode is not None:
+            return mode
+    return None
+
+
+class NodeBuilder:
+    """Inserts nodes before an anchor and gives each the fake value Dynamo would have given it."""
+
+    def __init__(self, graph: fx.Graph, anchor: fx.Node, meta_from: fx.Node):
+        self.graph = graph
+        self.anchor = anchor
+        self.meta = {k: meta_from.meta[k] for k in ("stack_trace", "nn_module_stack") if k in meta_from.meta}
+        self.fake_mode = fake_mode_of(graph)
+        self.created: list[fx.Node] = []
+
+    def _value(self, op: str, target: Any, args: tuple, kwargs: dict) -> Any:
+        fake_args = fx.node.map_arg(args, example_value)
+        fake_kwargs = fx.node.map_arg(kwargs, example_value)
+        from contextlib import nullcontext
+
+        with self.fake_mode if self.fake_mode is not None else nullcontext():
+            if op == "call_method":
+                return getattr(fake_args[0], target)(*fake_args[1:], **fake_kwargs)
+            return target(*fake_args, **fake_kwargs)
+
+    def _add(self, op: str, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
+        kwargs = kwargs or {}
+        value = self._value(op, target, args, kwargs)
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.create_node(op, target, args, kwargs)
+        node.meta.update(self.meta)
+        node.meta["example_value"] = value
+        self.created.append(node)
+        return node
+
+    def call(self, target: Callable, *args: Any, **kwargs: Any) -> fx.Node:
+        return self._add("call_function", target, args, kwargs)
+
+    def method(self, name: str, *args: Any, **kwargs: Any) -> fx.Node:
+        return self._add("call_method", name, args, kwargs)
+
+    def discard(self) -> None:
+        for node in reversed(self.created):
+            if not node.users:
+                self.graph.erase_node(node)
+        self.created.clear()
+
+
+def topo_order(graph: fx.Graph) -> dict[fx.Node, int]:
+    return {node: i for i, node in enumerate(graph.nodes)}
+
+
+def users_within(node: fx.Node, allowed: Iterable[fx.Node]) -> bool:
+    allowed = set(allowed)
+    return all(user in allowed for user in node.users)

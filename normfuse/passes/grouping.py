@@ -1,0 +1,277 @@
+"""Grouping per-slice norms into one batch.
+
+A *combiner* gathers per-slice results: ``torch.stack(list, dim)``, ``torch.cat(list, dim)``, or
+the ``operator.add`` chain Dynamo records for Python's ``sum(...)``. ``find_groups`` reads every
+combiner in the graph and returns, for each, either a ``NormGroup`` (every element is the same
+norm of a slice of one source tensor, and rewriting it is safe) or a ``Skipped`` with the reason
+in words. Nothing here changes the graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+import re
+import torch
+import torch.fx as fx
+
+from .graph_utils import (
+    bind,
+    is_mutating,
+    is_number,
+    may_alias,
+    normalize_dim,
+    op_name,
+    tensor_value,
+    topo_order,
+)
+from .spellings import NormSite, SliceOf, match_norm, match_slice
+
+_REAL_FLOATS = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+
+
+@dataclasses.dataclass
+class Combiner:
+    node: fx.Node  # the node whose value the rewrite replaces
+    kind: str  # "stack", "cat" or "sum"
+    elements: list[fx.Node]
+    dim: int = 0  # stack/cat dim, normalised against the combined result
+    chain: list[fx.Node] = dataclasses.field(default_factory=list)  # the add nodes of a "sum"
+
+
+@dataclasses.dataclass
+class NormGroup:
+    combiner: Combiner
+    sites: list[NormSite]
+    slices: list[SliceOf]  # one per site (the first input of each)
+    source: fx.Node
+    dim: int  # the sliced dim of ``source``
+    indices: list[int]
+    reduce_dims: tuple[int, ...]  # dims of ``source`` the norm reduces, ``dim`` excluded
+    anchor: fx.Node  # new nodes go before this node: the first read of ``source``
+
+    @property
+    def site(self) -> NormSite:
+        return self.sites[0]
+
+    def owned_nodes(self) -> set[fx.Node]:
+        """Every node the rewrite makes dead if nothing else uses it."""
+        owned = {self.combiner.node, *self.combiner.chain}
+        for site, sl in zip(self.sites, self.slices):
+            owned.update(site.nodes)
+            owned.update(site.inputs)
+            if sl.parent is not None:
+                owned.add(sl.parent)
+        return owned
+
+
+@dataclasses.dataclass
+class Skipped:
+    combiner: Combiner
+    reason: str
+
+
+def _combiner(node: fx.Node) -> Combiner | None:
+    name = op_name(node)
+    if name in ("stack", "cat") and node.op == "call_function":
+        args = bind(node)
+        if args is None:
+            return None
+        tensors = args["tensors"]
+        out = tensor_value(node)
+        if not isinstance(tensors, (list, tuple)) or not tensors or out is None:
+            return None
+        if not all(isinstance(t, fx.Node) for t in tensors):
+            return None
+        dim = normalize_dim(args["dim"], out.ndim)
+        if dim is None:
+            return None
+        return Combiner(node, name, list(tensors), dim)
+    if node.op == "call_function" and node.target is operator.add:
+        return _sum_chain(node)
+    return None
+
+
+def _sum_chain(last: fx.Node) -> Combiner | None:
+    """The add chain ending at ``last`` (``sum(gen)`` or ``a + b + c``), read back to its start."""
+    for user in last.users:
+        if user.op == "call_function" and user.target is operator.add and len(last.users) == 1:
+            return None  # not the end of the chain
+    chain, elements = [last], []
+    node = last
+    while True:
+        lhs, rhs = node.args
+        if not isinstance(rhs, fx.Node):
+            return None
+        elements.append(rhs)
+        if (
+            isinstance(lhs, fx.Node)
+            and lhs.op == "call_function"
+            and lhs.target is operator.add
+            and len(lhs.users) == 1
+            and not lhs.kwargs
+        ):
+            chain.append(lhs)
+            node = lhs
+            continue
+        if isinstance(lhs, fx.Node):
+            elements.append(lhs)
+        elif not (is_number(lhs) and lhs == 0):
+            return None
+        break
+    if len(elements) < 2:
+        return None
+    return Combiner(last, "sum", elements[::-1], 0, chain[::-1])
+
+
+def _location(node: fx.Node) -> str:
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+)', trace)
+    return f"{frames[-1][0]}:{frames[-1][1]}" if frames else ""
+
+
+def _near_miss_reason(root: fx.Node) -> str | None:
+    """A reason in words for an element that looks like a norm but is not one we may rewrite."""
+    name = op_name(root)
+    if name == "sqrt" or (name == "pow" and len(root.args) > 1 and root.args[1] == 0.5):
+        below = root.args[0]
+        if isinstance(below, fx.Node) and op_name(below) == "add":
+            return "eps inside the root"
+        if isinstance(below, fx.Node) and op_name(below) in ("sum", "amax", "max"):
+            return "the root does not undo the power"
+    if name == "sum":
+        inner = root.args[0] if root.args else None
+        if isinstance(inner, fx.Node) and op_name(inner) in ("pow", "square", "mul"):
+            return "squared norm with no root"
+    if name in ("norm", "linalg_norm"):
+        return "matrix norm"
+    if name == "pow" and isinstance(root.args[0], fx.Node) and op_name(root.args[0]) == "sum":
+        return "the root does not undo the power"
+    return None
+
+
+def _analyse(comb: Combiner, order: dict[fx.Node, int], nodes: list[fx.Node]) -> NormGroup | Skipped | None:
+    sites = [match_norm(e) for e in comb.elements]
+    if not any(sites):
+        reasons = {_near_miss_reason(e) for e in comb.elements} - {None}
+        if not reasons:
+            return None  # not a norm combiner at all
+        return Skipped(comb, sorted(reasons)[0])
+    if not all(sites):
+        return Skipped(comb, "not every element is a norm")
+    slices: list[SliceOf] = []
+    for site in sites:
+        found = [match_slice(i) for i in site.inputs]
+        if not all(found):
+            return Skipped(comb, "a norm input is not a slice of a tensor")
+        slices.append(found[0])
+    first = slices[0]
+    if any(s.key != first.key for s in slices):
+        return Skipped(comb, "slices of different source tensors or dims")
+    if any(site.signature != sites[0].signature for site in sites):
+        return Skipped(comb, "the norms are not all the same")
+
+    source = first.source
+    src = tensor_value(source)
+    if src is None:
+        return Skipped(comb, "unknown source tensor")
+    if src.dtype.is_complex:
+        return Skipped(comb, "complex input")
+    math_dtype = src.dtype
+    for step in sites[0].recipe.steps:
+        if step[0] == "cast":
+            math_dtype = step[1]
+    if math_dtype not in _REAL_FLOATS:
+        kind = "integer" if not math_dtype.is_floating_point and math_dtype != torch.bool else str(math_dtype)
+        return Skipped(comb, f"{kind.replace('torch.', '')} input")
+    if sites[0].recipe.dtype is not None and sites[0].recipe.dtype not in _REAL_FLOATS:
+        return Skipped(comb, "non-float reduction dtype")
+
+    # Uses outside the site: the rewrite would keep the per-slice work alive (or change a value).
+    members = set(comb.chain) | {comb.node}
+    for site in sites:
+        inner = set(site.nodes) - {site.root}
+        members |= set(site.nodes)
+        for node in inner:
+            if any(u not in site.nodes for u in node.users):
+                return Skipped(comb, "an intermediate is used elsewhere")
+    for site in sites:
+        if any(u not in members for u in site.root.users):
+            return Skipped(comb, "a per-slice norm is used elsewhere")
+
+    reduce_dims = _source_reduce_dims(sites[0], first, src.ndim)
+    if reduce_dims is None:
+        return Skipped(comb, "the norm reduces no dim besides the sliced one")
+
+    reads = [s.node for s in slices] + [s.parent for s in slices if s.parent is not None]
+    for site in sites:
+        reads += list(site.inputs)
+    first_read = min(reads, key=order.__getitem__)
+    last_use = max((n for site in sites for n in site.nodes), key=order.__getitem__)
+    lo, hi = order[first_read], order[last_use]
+    for node in nodes[lo : hi + 1]:
+        if is_mutating(node) and (not node.args or may_alias(source, node.args[0])):
+            return Skipped(comb, "the source is mutated between the slices")
+
+    return NormGroup(comb, sites, slices, source, first.dim, [s.index for s in slices], reduce_dims, first_read)
+
+
+def _source_reduce_dims(site: NormSite, sl: SliceOf, src_ndim: int) -> tuple[int, ...] | None:
+    """The norm's reduced dims in the source's coordinates, the sliced dim left out."""
+    slice_ndim = src_ndim if sl.keepdim else src_ndim - 1
+    dims = site.dims if site.dims is not None else tuple(range(slice_ndim))
+    if sl.keepdim:
+        out = tuple(d for d in dims if d != sl.dim)
+    else:
+        out = tuple(d if d < sl.dim else d + 1 for d in dims)
+    return tuple(sorted(out)) or None
+
+
+def find_groups(graph: fx.Graph) -> list[NormGroup | Skipped]:
+    order = topo_order(graph)
+    nodes = list(graph.nodes)
+    found: list[NormGroup | Skipped] = []
+    for node in nodes:
+        comb = _combiner(node)
+        if comb is None:
+            continue
+        result = _analyse(comb, order, nodes)
+        if result is not None:
+            found.append(result)
+    return _drop_overlaps(found)
+
+
+def _drop_overlaps(found: list[NormGroup | Skipped]) -> list[NormGroup | Skipped]:
+    """Two groups may not claim the same node (a norm both stacked and summed, say)."""
+    claimed: dict[fx.Node, int] = {}
+    for i, item in enumerate(found):
+        if isinstance(item, NormGroup):
+            for node in {s.root for s in item.sites}:
+                claimed[node] = claimed.get(node, 0) + 1
+    out: list[NormGroup | Skipped] = []
+    for item in found:
+        if isinstance(item, NormGroup) and any(claimed[s.root] > 1 for s in item.sites):
+            out.append(Skipped(item.combiner, "a per-slice norm is used elsewhere"))
+        else:
+            out.append(item)
+    return out
+
+
+def location(node: fx.Node) -> str:
+    return _location(node)
+
+
+def source_line(node: fx.Node) -> str:
+    trace = (node.meta.get("stack_trace") or "").rstrip().splitlines()
+    return trace[-1].strip() if trace and not trace[-1].lstrip().startswith("File") else ""
+
+
+def describe_source(node: fx.Node) -> str:
+    source = getattr(node, "_dynamo_source", None)
+    if source is not None:
+        try:
+            return source.name()
+        except Exception:
+            pass
+    return node.name
+
