@@ -173,11 +173,19 @@ def emit_group(b: NodeBuilder, group: NormGroup, exact: bool) -> tuple[dict[fx.N
             final = _place(b, b.method("reshape", y, _target_shape(n, per_slice)), group)
         replacements = {group.combiner.node: final}
     else:
-        z = xs if d == 0 else b.method("movedim", xs, d, 0)
-        if not tensor_value(z).is_contiguous():
-            z = b.method("contiguous", z)
-        dims = tuple(sorted(r + 1 if r < d else r for r in group.reduce_dims))
-        y = _replay(b, z, group.site.recipe, dims)
+        # Bitwise equality needs each slice reduced in the order the loop reduced it. A norm
+        # called on the slice itself walks the slice's own strides: reduce the source in place.
+        # Any op before the reduction (a cast, a square) hands the reduction a contiguous
+        # per-slice tensor: lay the batch out the same way, slice dim first, contiguous.
+        if steps[0][0] == "reduce":
+            y = _replay(b, xs, group.site.recipe, group.reduce_dims)
+            y = y if d == 0 else b.method("movedim", y, d, 0)
+        else:
+            z = xs if d == 0 else b.method("movedim", xs, d, 0)
+            if not tensor_value(z).is_contiguous():
+                z = b.method("contiguous", z)
+            dims = tuple(sorted(r + 1 if r < d else r for r in group.reduce_dims))
+            y = _replay(b, z, group.site.recipe, dims)
         stacked = b.method("reshape", y, _target_shape(n, per_slice))
         if group.combiner.kind == "sum":
             # Keep the user's sequence of adds: a single sum would round differently.
