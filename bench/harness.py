@@ -15,7 +15,8 @@ Variants:
   normfuse  the naive function, torch.compile(backend=normfuse.backend)
   ideal     the hand-written batched form, stock torch.compile
 
-A cold compile is: ``torch._dynamo.reset()``, a fresh ``TORCHINDUCTOR_CACHE_DIR`` and
+A cold compile is: a fresh copy of the function (new code object; ``torch._dynamo.reset()`` once
+per job), a fresh ``TORCHINDUCTOR_CACHE_DIR`` and
 ``TRITON_CACHE_DIR`` with Inductor's in-memory caches cleared (``fresh_cache``), the FX graph
 cache and the AOT autograd cache off. The first compile of a process pays 8-11 s of one-time
 start-up, so the worker compiles an unrelated function (forward and backward) before any job.
@@ -29,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 from typing import Any, Callable
 
 import torch
@@ -92,9 +94,8 @@ class Worker:
 
     def cold_first_call(self, fn, variant: str, make_step, sync) -> tuple[Callable, float, Any, dict]:
         graphs = {"count": 0, "nodes": 0, "removed": 0, "rewrites": 0}
-        torch._dynamo.reset()
         with _fresh_cache(self.tmp):
-            compiled = torch.compile(fn, backend=self._backend(variant, graphs), dynamic=False)
+            compiled = torch.compile(fresh_copy(fn), backend=self._backend(variant, graphs), dynamic=False)
             step = make_step(compiled)
             sync()
             t0 = time.perf_counter()
@@ -129,9 +130,11 @@ class Worker:
 
             return step
 
+        torch._dynamo.reset()
         steps = {"eager": make_step(w.naive)}
         results = {"eager": steps["eager"]()}
         res: dict[str, dict] = {v: {} for v in job["variants"]}
+        live_graphs: dict[str, dict] = {}
         for variant in [v for v in COMPILED if v in job["variants"]]:
             fn = w.ideal if variant == "ideal" else w.naive
             self.emit(event="compile", variant=variant)
@@ -141,27 +144,42 @@ class Worker:
                 times.append(seconds)
                 if len(times) >= job["compile_repeats"] or sum(times) + seconds > job["compile_budget_s"]:
                     break
-            res[variant].update(first_call_s=statistics.median(times), compiles=len(times), graphs=graphs)
+            res[variant].update(first_call_s=statistics.median(times), compiles=len(times), graphs=dict(graphs))
             self.emit(event="compiled", variant=variant, seconds=res[variant]["first_call_s"])
+            live_graphs[variant] = graphs
             if variant != "dynamo":
                 steps[variant], results[variant] = step, result
 
         ref = results["eager"]
+        res["eager"]["scale"] = max_abs_diff(ref, torch.zeros((), device=device), broadcast=True)
         for variant, result in results.items():
             if variant in res:
                 res[variant]["max_diff"] = max_abs_diff(result, ref)
         timed = {v: s for v, s in steps.items() if v in job["variants"] and v in TIMED}
         for variant, ms in time_interleaved(timed, job["repeats"], job["target_ms"] / 1e3, sync).items():
             res[variant]["run_ms"] = ms
+        for variant, graphs in live_graphs.items():
+            if graphs != res[variant]["graphs"]:  # a guard failed in steady state: the timing is suspect
+                res[variant]["recompiled"] = True
         if device.type == "cuda" and not train and "normfuse" in steps:
             res["normfuse"]["kernel_ms"] = cuda_kernel_ms(steps["normfuse"])
             res["normfuse"]["min_bytes"] = sum(t.nbytes for t in tree_leaves((inputs, ref)) if isinstance(t, torch.Tensor))
         return res
 
 
-def max_abs_diff(a, b) -> float:
+def fresh_copy(fn: Callable) -> Callable:
+    """``fn`` with its own code object: Dynamo keeps its compiled code per code object, so every
+    variant compiles from scratch and no compile evicts another (as ``torch._dynamo.reset()``,
+    called once per job, would)."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def max_abs_diff(a, b, broadcast: bool = False) -> float:
+    """Largest |a - b| over all tensors of two results (``broadcast``: ``b`` is one tensor for all)."""
     xs = [t for t in tree_leaves(a) if isinstance(t, torch.Tensor)]
     ys = [t for t in tree_leaves(b) if isinstance(t, torch.Tensor)]
+    if broadcast:
+        ys = ys * len(xs)
     if len(xs) != len(ys):
         return float("nan")
     return max(((x.detach().double() - y.detach().double()).abs().max().item() for x, y in zip(xs, ys)), default=0.0)
@@ -229,10 +247,8 @@ def warm_up(device: torch.device) -> None:
     a = torch.randn(8, 8, device=device, requires_grad=True)
     b = torch.randn(8, 8, device=device)
     tmp = tempfile.mkdtemp(prefix="normfuse-bench-warm-")
-    for backend in ("inductor", normfuse.backend):
-        torch._dynamo.reset()
-        with _fresh_cache(tmp):
-            torch.compile(unrelated, backend=backend)(a, b).sum().backward()
+    with _fresh_cache(tmp):  # normfuse's backend ends in Inductor: both get warm
+        torch.compile(unrelated, backend=normfuse.backend)(a, b).sum().backward()
     torch._dynamo.reset()
 
 

@@ -88,3 +88,11 @@ def test_default_mode_rounding_is_within_an_ulp_or_so():
     # both are about as close to float64 as each other: a rounding difference, nothing more
     assert (got.double() - reference).abs().max() <= 2 * (want.double() - reference).abs().max() + 1e-5
     torch.testing.assert_close(got, want, rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("reduction", ["max", "amax", "min", "amin"])
+def test_extremum_gradients_with_nan_and_ties_exact_mode(reduction):
+    fn = lambda x: torch.stack([getattr(x[i].abs(), reduction)() for i in range(x.shape[0])])  # noqa: E731
+    x = torch.tensor([[1.0, -3.0, 3.0, 0.5], [2.0, math.nan, -2.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    traced = compare_with_eager(fn, x, exact=True, bitwise=True)
+    assert len(traced.report.rewrites) == 1

@@ -30,8 +30,8 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from ..report import FuseReport, Rewrite, Skip
-from .graph_utils import NodeBuilder, is_impure
-from .grouping import NormGroup, Skipped, describe_source, find_groups, location, source_line
+from .graph_utils import NodeBuilder, describe_source, is_impure, location, source_line
+from .grouping import NormGroup, Skipped, find_groups
 from .rewrite import RewriteError, emit_group
 
 log = logging.getLogger("normfuse")

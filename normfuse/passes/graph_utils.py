@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import operator
+import re
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -292,3 +293,34 @@ def topo_order(graph: fx.Graph) -> dict[fx.Node, int]:
 def users_within(node: fx.Node, allowed: Iterable[fx.Node]) -> bool:
     allowed = set(allowed)
     return all(user in allowed for user in node.users)
+
+
+def _last_frame(node: fx.Node) -> tuple[str, str, str] | None:
+    """(file, line number, code) of the innermost user frame in the node's stack trace."""
+    lines = (node.meta.get("stack_trace") or "").rstrip().splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        found = re.search(r'File "([^"]+)", line (\d+)', lines[i])
+        if found:
+            code = next((ln.strip() for ln in lines[i + 1 :] if ln.strip() and set(ln.strip()) - set("^~")), "")
+            return found.group(1), found.group(2), code
+    return None
+
+
+def location(node: fx.Node) -> str:
+    frame = _last_frame(node)
+    return f"{frame[0]}:{frame[1]}" if frame else ""
+
+
+def source_line(node: fx.Node) -> str:
+    frame = _last_frame(node)
+    return frame[2] if frame else ""
+
+
+def describe_source(node: fx.Node) -> str:
+    """The user's name for a tensor: Dynamo's source (``L['x']``) for inputs, else the node's."""
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None) or getattr(node, "_dynamo_source", None)
+    name = getattr(source, "name", None)
+    if callable(name):  # a method in older torch releases
+        name = name()
+    return name if isinstance(name, str) else node.name

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-import re
 import torch
 import torch.fx as fx
 
@@ -122,12 +121,6 @@ def _sum_chain(last: fx.Node) -> Combiner | None:
     if len(elements) < 2:
         return None
     return Combiner(last, "sum", elements[::-1], 0, chain[::-1])
-
-
-def _location(node: fx.Node) -> str:
-    trace = node.meta.get("stack_trace") or ""
-    frames = re.findall(r'File "([^"]+)", line (\d+)', trace)
-    return f"{frames[-1][0]}:{frames[-1][1]}" if frames else ""
 
 
 def _near_miss_reason(root: fx.Node) -> str | None:
@@ -255,23 +248,3 @@ def _drop_overlaps(found: list[NormGroup | Skipped]) -> list[NormGroup | Skipped
         else:
             out.append(item)
     return out
-
-
-def location(node: fx.Node) -> str:
-    return _location(node)
-
-
-def source_line(node: fx.Node) -> str:
-    trace = (node.meta.get("stack_trace") or "").rstrip().splitlines()
-    return trace[-1].strip() if trace and not trace[-1].lstrip().startswith("File") else ""
-
-
-def describe_source(node: fx.Node) -> str:
-    source = getattr(node, "_dynamo_source", None)
-    if source is not None:
-        try:
-            return source.name()
-        except Exception:
-            pass
-    return node.name
-

@@ -102,6 +102,9 @@ def _replay(b: NodeBuilder, z: fx.Node, recipe: NormRecipe, dims: tuple[int, ...
                 z = b.call(torch.sum, z, dim_arg, True, **kwargs)
             elif reduce_kind in ("amax", "amin"):
                 z = b.call(getattr(torch, reduce_kind), z, dim_arg, True)
+            elif reduce_kind in ("max_all", "min_all"):
+                # no batched max() over several dims; vector_norm(|v|, ±inf) has its gradient
+                z = b.call(torch.linalg.vector_norm, z, math.inf if reduce_kind == "max_all" else -math.inf, dim_arg, True)
             else:
                 kwargs = {"dtype": recipe.dtype} if recipe.dtype is not None else {}
                 z = b.call(torch.linalg.vector_norm, z, _static_ord(extra), dim_arg, True, **kwargs)

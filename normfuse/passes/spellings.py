@@ -434,7 +434,9 @@ def match_norm(root: fx.Node) -> NormSite | None:
     dims = None if dims_arg is None else normalize_dims(dims_arg, value.ndim)
     if dims_arg is not None and (dims is None or len(dims) == 0):
         return None
-    kind = "sum" if name == "sum" else ("amax" if ord_ > 0 else "amin")
+    # ``max()`` and ``amax()`` agree on values but not on gradients (a NaN in the slice gives
+    # amax a NaN gradient, max() none), so exact mode must know which one the user wrote.
+    kind = name if name in ("sum", "amax", "amin") else name + "_all"
     all_steps = (*steps, ("reduce", kind, dtype), *((root_step,) if root_step else ()))
     recipe = NormRecipe(float(ord_), all_steps, dtype, _spelling(all_steps, name))
     return NormSite(root, inputs, tuple(nodes), reduction, recipe, dims, keepdim)
