@@ -35,11 +35,16 @@ def _ints(text: str) -> list[int]:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="B=8 only, no sweep, one cold compile each (about 2 min on CPU)")
+    p.add_argument("--quick", action="store_true", help="B=8, each workload in its own mode, no sweep, one cold compile each (under 2 min on CPU)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated, from: " + ", ".join(WORKLOADS))
     p.add_argument("--sizes", type=_ints, help="B values of the main table (default 16,64; --quick: 8)")
-    p.add_argument("--modes", default="fwd,fwd+bwd", help="fwd and/or fwd+bwd (fwd+bwd only where the workload trains)")
+    p.add_argument(
+        "--modes",
+        default=None,
+        help="fwd and/or fwd+bwd (fwd+bwd only where the workload trains), or 'own': fwd+bwd where the "
+        "workload trains, else fwd (default fwd,fwd+bwd; --quick: own)",
+    )
     p.add_argument("--sweep-sizes", type=_ints, help="B values of the scaling sweep, or 'none' (default 8,16,64,256,512,1024)")
     p.add_argument("--sweep-workload", default="l2-index", choices=list(WORKLOADS))
     p.add_argument("--sweep-mode", default="fwd+bwd", choices=["fwd", "fwd+bwd"])
@@ -52,8 +57,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     unknown = set(args.workloads.split(",")) - set(WORKLOADS)
     if unknown:
         p.error(f"unknown workloads: {', '.join(sorted(unknown))}")
-    if set(args.modes.split(",")) - {"fwd", "fwd+bwd"}:
-        p.error("--modes takes fwd and/or fwd+bwd")
+    if args.modes is None:
+        args.modes = "own" if args.quick else "fwd,fwd+bwd"
+    if args.modes != "own" and set(args.modes.split(",")) - {"fwd", "fwd+bwd"}:
+        p.error("--modes takes fwd and/or fwd+bwd, or own")
     return args
 
 
@@ -65,8 +72,9 @@ def plan(args: argparse.Namespace, preset: tuple) -> list[dict]:
     jobs = []
     for name in args.workloads.split(","):
         w = WORKLOADS[name]
+        modes = ["fwd+bwd" if w.trains else "fwd"] if args.modes == "own" else args.modes.split(",")
         for B in sizes:
-            for mode in args.modes.split(","):
+            for mode in modes:
                 if mode == "fwd" or w.trains:
                     jobs.append(dict(common, section="table", workload=name, B=B, mode=mode, variants=ALL_VARIANTS))
     sweep = WORKLOADS[args.sweep_workload]

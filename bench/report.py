@@ -131,7 +131,9 @@ def verdicts(rows: list[dict]) -> list[str]:
         met, missed = checks.setdefault(name, ([], []))
         if ok is None:
             return
-        (met if ok else missed).append(f"{row['workload']} B={row['B']} {row['mode']} ({detail})")
+        g = row["result"].get("normfuse", {}).get("graphs", {})
+        note = "" if g.get("rewrites") else ", not rewritten"
+        (met if ok else missed).append(f"{row['workload']} B={row['B']} {row['mode']} ({detail}{note})")
 
     for row in rows:
         if "error" in row["result"]:

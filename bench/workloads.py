@@ -169,9 +169,11 @@ def grad_norm_naive(params):
 
 
 def grad_norm_ideal(params):
-    # torch.nn.utils.get_total_norm's own form is torch._foreach_norm, which Inductor runs as an
-    # extern kernel; this is the form that is fastest under Inductor (one fused kernel).
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    # The fastest batched form under Inductor on CPU (64 tensors, 1 thread: 0.17 ms, against 0.18
+    # for a stack of per-tensor vector_norms and 0.28 for torch.nn.utils.get_total_norm, whose
+    # torch._foreach_norm Inductor runs as an extern kernel). The naive chain compiles to one
+    # fused kernel and is faster still (0.14 ms): here the "ideal" wins on compile time only.
+    return torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in params]))
 
 
 def _grad_norm_inputs(B: int, device: torch.device) -> tuple:

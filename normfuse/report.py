@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 from tabulate import tabulate
+
+
+def _where(location: str) -> str:
+    return os.path.basename(location) if location else "?"
 
 
 def _ord_text(ord_: float) -> str:
@@ -70,7 +75,7 @@ class FuseReport:
     def table(self, tablefmt: str = "simple") -> str:
         rows = [
             [
-                r.location or "?",
+                _where(r.location),
                 f"{r.pattern} of {r.slices} slices of {r.source} (dim {r.dim})",
                 r.spelling,
                 _ord_text(r.ord),
@@ -82,7 +87,7 @@ class FuseReport:
             for r in self.rewrites
         ]
         rows += [
-            [s.location or "?", f"{s.pattern} of {s.elements}", "", "", "", "", 0, f"left alone: {s.reason}"]
+            [_where(s.location), f"{s.pattern} of {s.elements}", "", "", "", "", 0, f"left alone: {s.reason}"]
             for s in self.skipped
         ]
         headers = ["where", "pattern", "per-slice norm", "ord", "dims", "coverage", "nodes removed", "result"]

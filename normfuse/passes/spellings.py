@@ -328,11 +328,11 @@ def _spelling(steps: tuple[tuple, ...], reduce_name: str) -> str:
         elif kind == "abs":
             expr = f"{expr}.abs()"
         elif kind == "pow":
-            expr = f"{expr}**{step[1]}"
+            expr = f"({expr}**{step[1]})"
         elif kind == "square":
             expr = f"{expr}.square()"
         elif kind == "mul_self":
-            expr = f"{expr}*{expr}"
+            expr = f"({expr}*{expr})"
         elif kind == "reduce":
             if step[1] == "norm_call":
                 expr = f"{reduce_name}({expr}, {step[2]})"
