@@ -31,8 +31,8 @@ from torch._dynamo.utils import counters
 
 from ..report import FuseReport, Rewrite, Skip
 from .graph_utils import NodeBuilder, describe_source, is_impure, location, source_line
-from .grouping import NormGroup, Skipped, find_groups
-from .rewrite import RewriteError, emit_group
+from .grouping import NormGroup, ProgramGroup, Skipped, find_groups
+from .rewrite import RewriteError, emit_group, emit_program
 
 log = logging.getLogger("normfuse")
 
@@ -44,6 +44,42 @@ def _skip(report: FuseReport, comb, reason: str) -> None:
     )
     counters["normfuse"][f"skipped: {reason}"] += 1
     log.debug("normfuse: left a %s of %d alone: %s", comb.kind, len(comb.elements), reason)
+
+
+def _describe(item: NormGroup | ProgramGroup, coverage: str, removed: int, exact: bool) -> Rewrite:
+    comb = item.combiner
+    if isinstance(item, NormGroup):
+        site = item.site
+        source, dim, ord_, dims, spelling = (
+            describe_source(item.source), item.dim, site.recipe.ord, item.reduce_dims, site.recipe.spelling
+        )
+        slices, root = len(item.sites), site.root
+    else:
+        program = item.programs[0]
+        sources = dict.fromkeys(describe_source(sl.source) for sl in program.leaves)
+        norms = [op.site for op in program.ops if op.kind == "norm"]
+        source, dim = ", ".join(sources), program.leaves[0].dim
+        ord_ = norms[0].recipe.ord if norms else 2.0
+        dims = norms[0].dims or () if norms else ()
+        spelling = "program: " + " -> ".join(
+            op.site.recipe.spelling if op.kind == "norm" else str(op.node.target).split(".")[-1].split(" ")[-1].strip(">")
+            for op in program.ops
+        )
+        slices, root = len(item.programs), program.root
+    return Rewrite(
+        pattern=comb.kind,
+        source=source,
+        dim=dim,
+        slices=slices,
+        coverage=coverage,
+        ord=ord_,
+        dims=tuple(dims),
+        spelling=spelling,
+        nodes_removed=removed,
+        location=location(root) or location(comb.node),
+        code=source_line(root),
+        exact=exact,
+    )
 
 
 def fuse_norms(gm: fx.GraphModule, *, exact: bool = False) -> FuseReport:
@@ -66,14 +102,15 @@ def fuse_norms(gm: fx.GraphModule, *, exact: bool = False) -> FuseReport:
     report = FuseReport(exact=exact, nodes_before=len(graph.nodes))
     log.debug("normfuse: graph before\n%s", gm.code if log.isEnabledFor(logging.DEBUG) else "")
 
-    planned: list[tuple[NormGroup, NodeBuilder, dict[fx.Node, fx.Node], str]] = []
+    planned: list[tuple[NormGroup | ProgramGroup, NodeBuilder, dict[fx.Node, fx.Node], str]] = []
     for item in find_groups(graph):
         if isinstance(item, Skipped):
             _skip(report, item.combiner, item.reason)
             continue
         builder = NodeBuilder(graph, item.anchor, item.combiner.node)
         try:
-            replacements, coverage = emit_group(builder, item, exact)
+            emit = emit_group if isinstance(item, NormGroup) else emit_program
+            replacements, coverage = emit(builder, item, exact)
         except RewriteError as e:
             builder.discard()
             _skip(report, item.combiner, f"cannot batch: {e}")
@@ -110,30 +147,16 @@ def fuse_norms(gm: fx.GraphModule, *, exact: bool = False) -> FuseReport:
     alive = set(graph.nodes)
 
     for (item, builder, _, coverage), nodes in zip(planned, owned):
-        site, comb = item.site, item.combiner
         removed = sum(n not in alive for n in nodes) - len(builder.created)
-        rewrite = Rewrite(
-            pattern=comb.kind,
-            source=describe_source(item.source),
-            dim=item.dim,
-            slices=len(item.sites),
-            coverage=coverage,
-            ord=site.recipe.ord,
-            dims=item.reduce_dims,
-            spelling=site.recipe.spelling,
-            nodes_removed=removed,
-            location=location(site.root) or location(comb.node),
-            code=source_line(site.root),
-            exact=exact,
-        )
+        rewrite = _describe(item, coverage, removed, exact)
         report.rewrites.append(rewrite)
         counters["normfuse"]["rewrites"] += 1
         counters["normfuse"]["slices_collapsed"] += rewrite.slices
         counters["normfuse"]["nodes_removed"] += removed
         log.info(
-            "normfuse: %s of %d per-slice norms of %s (dim %d) -> one norm, ord=%s dims=%s%s [%s]",
-            comb.kind, rewrite.slices, rewrite.source, rewrite.dim, rewrite.ord, rewrite.dims,
-            " (exact)" if exact else "", rewrite.location,
+            "normfuse: %s of %d per-slice %s of %s (dim %d) -> one batch, ord=%s dims=%s%s [%s]",
+            rewrite.pattern, rewrite.slices, rewrite.spelling, rewrite.source, rewrite.dim, rewrite.ord,
+            rewrite.dims, " (exact)" if exact else "", rewrite.location,
         )
 
     report.nodes_after = len(graph.nodes)

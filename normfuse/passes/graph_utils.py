@@ -50,6 +50,36 @@ _FUNCTION_NAMES: dict[Any, str] = {
     torch.flatten: "flatten",
     operator.getitem: "getitem",
     operator.add: "add",
+    torch.add: "add",
+    operator.sub: "sub",
+    torch.sub: "sub",
+    torch.subtract: "sub",
+    operator.truediv: "div",
+    torch.div: "div",
+    torch.true_divide: "div",
+    operator.neg: "neg",
+    torch.neg: "neg",
+    torch.rsqrt: "rsqrt",
+    torch.exp: "exp",
+    torch.log: "log",
+    torch.log1p: "log1p",
+    torch.expm1: "expm1",
+    torch.sigmoid: "sigmoid",
+    torch.tanh: "tanh",
+    torch.relu: "relu",
+    torch.nn.functional.relu: "relu",
+    torch.reciprocal: "reciprocal",
+    torch.clamp: "clamp",
+    torch.clip: "clamp",
+    torch.clamp_min: "clamp_min",
+    torch.clamp_max: "clamp_max",
+    torch.maximum: "maximum",
+    torch.minimum: "minimum",
+    torch.sign: "sign",
+    torch.sin: "sin",
+    torch.cos: "cos",
+    torch.mean: "mean",
+    torch.movedim: "movedim",
 }
 
 _METHOD_NAMES: dict[str, str] = {
@@ -57,16 +87,23 @@ _METHOD_NAMES: dict[str, str] = {
     for name in (
         "sum", "sqrt", "pow", "square", "abs", "mul", "amax", "amin", "max", "min", "norm",
         "select", "narrow", "unbind", "split", "chunk", "unsqueeze", "reshape", "view",
-        "squeeze", "flatten", "to", "float", "double", "half", "bfloat16", "add",
+        "squeeze", "flatten", "to", "float", "double", "half", "bfloat16", "add", "sub", "div",
+        "neg", "rsqrt", "exp", "log", "log1p", "expm1", "sigmoid", "tanh", "relu", "reciprocal",
+        "clamp", "clamp_min", "clamp_max", "maximum", "minimum", "sign", "sin", "cos", "mean",
     )
 }
-_METHOD_NAMES.update({"__pow__": "pow", "__mul__": "mul", "__abs__": "abs", "__getitem__": "getitem"})
+_METHOD_NAMES.update({
+    "__pow__": "pow", "__mul__": "mul", "__abs__": "abs", "__getitem__": "getitem", "__add__": "add",
+    "__sub__": "sub", "__truediv__": "div", "__neg__": "neg", "clip": "clamp", "true_divide": "div",
+    "subtract": "sub",
+})
 
 # Parameter names in order, then defaults, for every op the recognisers read arguments of.
 # ``input`` is ``self`` for methods. An argument that is not listed makes binding fail, so an
 # unknown keyword (``out=``, ``alpha=``) is never silently dropped.
 _SIGNATURES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "sum": (("input", "dim", "keepdim"), {"dim": None, "keepdim": False, "dtype": None}),
+    "mean": (("input", "dim", "keepdim"), {"dim": None, "keepdim": False, "dtype": None}),
     "pow": (("input", "exponent"), {}),
     "mul": (("input", "other"), {}),
     "add": (("input", "other"), {}),
@@ -263,7 +300,7 @@ class NodeBuilder:
                 return getattr(fake_args[0], target)(*fake_args[1:], **fake_kwargs)
             return target(*fake_args, **fake_kwargs)
 
-    def _add(self, op: str, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
+    def add(self, op: str, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
         kwargs = kwargs or {}
         value = self._value(op, target, args, kwargs)
         with self.graph.inserting_before(self.anchor):
@@ -274,10 +311,10 @@ class NodeBuilder:
         return node
 
     def call(self, target: Callable, *args: Any, **kwargs: Any) -> fx.Node:
-        return self._add("call_function", target, args, kwargs)
+        return self.add("call_function", target, args, kwargs)
 
     def method(self, name: str, *args: Any, **kwargs: Any) -> fx.Node:
-        return self._add("call_method", name, args, kwargs)
+        return self.add("call_method", name, args, kwargs)
 
     def discard(self) -> None:
         for node in reversed(self.created):

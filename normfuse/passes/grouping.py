@@ -24,6 +24,7 @@ from .graph_utils import (
     tensor_value,
     topo_order,
 )
+from .programs import NotAProgram, Program, extract_program, holds_a_norm
 from .spellings import NormSite, SliceOf, match_norm, match_slice
 
 _REAL_FLOATS = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
@@ -61,6 +62,25 @@ class NormGroup:
             owned.update(site.inputs)
             if sl.parent is not None:
                 owned.add(sl.parent)
+        return owned
+
+
+@dataclasses.dataclass
+class ProgramGroup:
+    """Elements that run one per-slice program around a norm (see ``programs``)."""
+
+    combiner: Combiner
+    programs: list[Program]
+    anchor: fx.Node
+
+    def owned_nodes(self) -> set[fx.Node]:
+        owned = {self.combiner.node, *self.combiner.chain}
+        for program in self.programs:
+            owned |= program.nodes
+            for sl in program.leaves:
+                owned.add(sl.node)
+                if sl.parent is not None:
+                    owned.add(sl.parent)
         return owned
 
 
@@ -199,14 +219,53 @@ def _analyse(comb: Combiner, order: dict[fx.Node, int], nodes: list[fx.Node]) ->
     reads = [s.node for s in slices] + [s.parent for s in slices if s.parent is not None]
     for site in sites:
         reads += list(site.inputs)
-    first_read = min(reads, key=order.__getitem__)
-    last_use = max((n for site in sites for n in site.nodes), key=order.__getitem__)
-    lo, hi = order[first_read], order[last_use]
-    for node in nodes[lo : hi + 1]:
-        if is_mutating(node) and (not node.args or may_alias(source, node.args[0])):
-            return Skipped(comb, "the source is mutated between the slices")
-
+    first_read = _mutation_between(reads, [n for site in sites for n in site.nodes], [source], order, nodes)
+    if first_read is None:
+        return Skipped(comb, "the source is mutated between the slices")
     return NormGroup(comb, sites, slices, source, first.dim, [s.index for s in slices], reduce_dims, first_read)
+
+
+def _mutation_between(reads, uses, sources, order, nodes) -> fx.Node | None:
+    """The first read, if nothing may write to a source between it and the last use; else None."""
+    first_read = min(reads, key=order.__getitem__)
+    last_use = max(uses, key=order.__getitem__)
+    for node in nodes[order[first_read] : order[last_use] + 1]:
+        if is_mutating(node) and any(not node.args or may_alias(src, node.args[0]) for src in sources):
+            return None
+    return first_read
+
+
+def _analyse_program(comb: Combiner, order: dict[fx.Node, int], nodes: list[fx.Node]) -> ProgramGroup | str | None:
+    """A ProgramGroup; a reason (str) if the elements are one program but may not be batched;
+    None if they are not one program around a norm."""
+    try:
+        programs = [extract_program(e) for e in comb.elements]
+    except NotAProgram:
+        return None
+    if any(p.signature != programs[0].signature for p in programs) or not holds_a_norm(programs[0]):
+        return None
+    for sl in programs[0].leaves:
+        dtype = tensor_value(sl.source).dtype
+        if dtype not in _REAL_FLOATS:
+            return "complex input" if dtype.is_complex else "integer input"
+    members = set(comb.chain) | {comb.node}
+    if len(set().union(*(p.nodes for p in programs))) != sum(len(p.nodes) for p in programs):
+        return "an intermediate is used elsewhere"
+    for program in programs:
+        for node in program.nodes:
+            allowed = program.nodes | (members if node is program.root else set())
+            if any(u not in allowed for u in node.users):
+                return "an intermediate is used elsewhere" if node is not program.root else "a per-slice norm is used elsewhere"
+    reads = [sl.node for p in programs for sl in p.leaves] + [
+        sl.parent for p in programs for sl in p.leaves if sl.parent is not None
+    ]
+    sources = list({sl.source: None for sl in programs[0].leaves})
+    first_read = _mutation_between(reads, [n for p in programs for n in p.nodes], sources, order, nodes)
+    if first_read is None:
+        return "the source is mutated between the slices"
+    # the batch goes where the first program could have run: after the values it shares
+    anchor = max([first_read, *(s.next for s in programs[0].shared)], key=lambda n: order.get(n, len(nodes)))
+    return ProgramGroup(comb, programs, anchor)
 
 
 def _source_reduce_dims(site: NormSite, sl: SliceOf, src_ndim: int) -> tuple[int, ...] | None:
@@ -220,31 +279,29 @@ def _source_reduce_dims(site: NormSite, sl: SliceOf, src_ndim: int) -> tuple[int
     return tuple(sorted(out)) or None
 
 
-def find_groups(graph: fx.Graph) -> list[NormGroup | Skipped]:
+def find_groups(graph: fx.Graph) -> list[NormGroup | ProgramGroup | Skipped]:
+    """Every combiner's verdict, latest combiner first: a group claims its nodes, so a combiner
+    inside another group's program (an inner ``sum`` of squares, say) is not looked at again."""
     order = topo_order(graph)
     nodes = list(graph.nodes)
-    found: list[NormGroup | Skipped] = []
-    for node in nodes:
+    found: list[NormGroup | ProgramGroup | Skipped] = []
+    claimed: set[fx.Node] = set()
+    for node in reversed(nodes):
+        if node in claimed:
+            continue
         comb = _combiner(node)
-        if comb is None:
+        if comb is None or any(e in claimed for e in comb.elements):
             continue
         result = _analyse(comb, order, nodes)
-        if result is not None:
-            found.append(result)
-    return _drop_overlaps(found)
-
-
-def _drop_overlaps(found: list[NormGroup | Skipped]) -> list[NormGroup | Skipped]:
-    """Two groups may not claim the same node (a norm both stacked and summed, say)."""
-    claimed: dict[fx.Node, int] = {}
-    for i, item in enumerate(found):
-        if isinstance(item, NormGroup):
-            for node in {s.root for s in item.sites}:
-                claimed[node] = claimed.get(node, 0) + 1
-    out: list[NormGroup | Skipped] = []
-    for item in found:
-        if isinstance(item, NormGroup) and any(claimed[s.root] > 1 for s in item.sites):
-            out.append(Skipped(item.combiner, "a per-slice norm is used elsewhere"))
-        else:
-            out.append(item)
-    return out
+        if not isinstance(result, NormGroup):
+            program = _analyse_program(comb, order, nodes)
+            if isinstance(program, ProgramGroup):
+                result = program
+            elif result is None and isinstance(program, str):
+                result = Skipped(comb, program)
+        if result is None:
+            continue
+        if not isinstance(result, Skipped):
+            claimed |= result.owned_nodes()
+        found.append(result)
+    return found[::-1]

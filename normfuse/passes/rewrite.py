@@ -24,8 +24,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .graph_utils import NodeBuilder, same_shape, same_size, tensor_value
-from .grouping import NormGroup
+from .graph_utils import NodeBuilder, op_name, same_shape, same_size, tensor_value
+from .grouping import Combiner, NormGroup, ProgramGroup
+from .programs import ProgramOp, Ref, reduce_dims
 from .spellings import NormRecipe
 
 
@@ -33,8 +34,8 @@ class RewriteError(Exception):
     """The group cannot be emitted; the graph is left as it was."""
 
 
-def _coverage(b: NodeBuilder, group: NormGroup) -> tuple[fx.Node, str]:
-    source, d, idx = group.source, group.dim, group.indices
+def _coverage(b: NodeBuilder, source: fx.Node, d: int, idx: list[int]) -> tuple[fx.Node, str]:
+    """``source`` restricted to positions ``idx`` along ``d``, in that order."""
     size = tensor_value(source).shape[d]
     n = len(idx)
     prefix = "" if d == 0 else ":, " * d
@@ -80,13 +81,15 @@ def _vector_norm(b: NodeBuilder, xs: fx.Node, group: NormGroup, dims: tuple[int,
     return b.call(torch.linalg.vector_norm, xs, _static_ord(recipe.ord), _dims_arg(dims), keepdim, **kwargs)
 
 
-def _replay(b: NodeBuilder, z: fx.Node, recipe: NormRecipe, dims: tuple[int, ...]) -> fx.Node:
+def _replay(b: NodeBuilder, z: fx.Node, recipe: NormRecipe, dims: tuple[int, ...], before_reduce=None) -> fx.Node:
     """The user's own chain, on the batched tensor, reducing ``dims`` with keepdim."""
     dim_arg = _dims_arg(dims)
     for step in recipe.steps:
         kind = step[0]
         if kind == "cast":
             continue  # applied before the batch is laid out
+        if kind == "reduce" and before_reduce is not None:
+            z = before_reduce(z)
         if kind == "abs":
             z = b.call(torch.abs, z)
         elif kind == "pow":
@@ -149,9 +152,8 @@ def _direct(b: NodeBuilder, xs: fx.Node, group: NormGroup, per_slice: torch.Size
     return None
 
 
-def _place(b: NodeBuilder, stacked: fx.Node, group: NormGroup) -> fx.Node:
+def _place(b: NodeBuilder, stacked: fx.Node, comb: Combiner) -> fx.Node:
     """``stacked`` holds the per-slice results along dim 0; lay them out as the combiner does."""
-    comb = group.combiner
     if comb.kind == "sum":
         return b.method("sum", stacked, 0)
     out = stacked if comb.dim == 0 else b.method("movedim", stacked, 0, comb.dim)
@@ -163,7 +165,7 @@ def _place(b: NodeBuilder, stacked: fx.Node, group: NormGroup) -> fx.Node:
 def emit_group(b: NodeBuilder, group: NormGroup, exact: bool) -> tuple[dict[fx.Node, fx.Node], str]:
     """Insert the batched computation; return {old node: new node} and the coverage text."""
     steps = group.site.recipe.steps
-    xs, coverage = _coverage(b, group)
+    xs, coverage = _coverage(b, group.source, group.dim, group.indices)
     xs = _casts(b, xs, steps)
     per_slice = tensor_value(group.site.root).shape
     n, d = len(group.indices), group.dim
@@ -173,7 +175,7 @@ def emit_group(b: NodeBuilder, group: NormGroup, exact: bool) -> tuple[dict[fx.N
         if final is None:
             y = _vector_norm(b, xs, group, group.reduce_dims, True)
             y = y if d == 0 else b.method("movedim", y, d, 0)
-            final = _place(b, b.method("reshape", y, _target_shape(n, per_slice)), group)
+            final = _place(b, b.method("reshape", y, _target_shape(n, per_slice)), group.combiner)
         replacements = {group.combiner.node: final}
     else:
         # Bitwise equality needs each slice reduced in the order the loop reduced it. A norm
@@ -190,16 +192,24 @@ def emit_group(b: NodeBuilder, group: NormGroup, exact: bool) -> tuple[dict[fx.N
             dims = tuple(sorted(r + 1 if r < d else r for r in group.reduce_dims))
             y = _replay(b, z, group.site.recipe, dims)
         stacked = b.method("reshape", y, _target_shape(n, per_slice))
-        if group.combiner.kind == "sum":
-            # Keep the user's sequence of adds: a single sum would round differently.
-            items = b.method("unbind", stacked, 0)
-            replacements = {}
-            for j, element in enumerate(group.combiner.elements):
-                if element not in replacements:
-                    replacements[element] = b.call(operator.getitem, items, j)
-        else:
-            replacements = {group.combiner.node: _place(b, stacked, group)}
+        replacements = _combine(b, stacked, group.combiner, exact)
+    _check(replacements)
+    return replacements, coverage
 
+
+def _combine(b: NodeBuilder, stacked: fx.Node, comb: Combiner, exact: bool) -> dict[fx.Node, fx.Node]:
+    if comb.kind == "sum" and exact:
+        # Keep the user's sequence of adds: a single sum would round differently.
+        items = b.method("unbind", stacked, 0)
+        replacements: dict[fx.Node, fx.Node] = {}
+        for j, element in enumerate(comb.elements):
+            if element not in replacements:
+                replacements[element] = b.call(operator.getitem, items, j)
+        return replacements
+    return {comb.node: _place(b, stacked, comb)}
+
+
+def _check(replacements: dict[fx.Node, fx.Node]) -> None:
     for old, new in replacements.items():
         want, got = tensor_value(old), tensor_value(new)
         if want is None or got is None or not same_shape(want.shape, got.shape) or want.dtype != got.dtype:
@@ -207,4 +217,84 @@ def emit_group(b: NodeBuilder, group: NormGroup, exact: bool) -> tuple[dict[fx.N
                 f"batched result {None if got is None else (tuple(got.shape), got.dtype)} does not match "
                 f"{None if want is None else (tuple(want.shape), want.dtype)}"
             )
-    return replacements, coverage
+
+
+def _contiguous_like(b: NodeBuilder, per_slice: Any):
+    """Exact mode: before a reduction, lay the batch out as the loop laid out each slice."""
+
+    def fix(z: fx.Node) -> fx.Node:
+        if per_slice is None or not per_slice.is_contiguous():
+            raise RewriteError("exact mode cannot batch a reduction over a strided slice bit for bit")
+        return z if tensor_value(z).is_contiguous() else b.method("contiguous", z)
+
+    return fix
+
+
+def emit_program(b: NodeBuilder, group: ProgramGroup, exact: bool) -> tuple[dict[fx.Node, fx.Node], str]:
+    """Run one element's program once on batch-first tensors (see ``programs``)."""
+    first = group.programs[0]
+    n = len(group.programs)
+    values: dict[Ref, tuple[fx.Node, int]] = {}
+    coverages = []
+    for j, sl in enumerate(first.leaves):
+        xs, text = _coverage(b, sl.source, sl.dim, [p.leaves[j].index for p in group.programs])
+        coverages.append(text)
+        x = xs if sl.dim == 0 else b.method("movedim", xs, sl.dim, 0)
+        if sl.keepdim:
+            x = b.method("unsqueeze", x, sl.dim + 1)
+        values[Ref("leaf", j)] = (x, tensor_value(sl.node).ndim)
+
+    def batched(value: Any, rank: int) -> Any:
+        if isinstance(value, Ref):
+            if value.kind == "shared":
+                return value.value
+            if value.kind == "const":
+                return value.value
+            node, own = values[value]
+            for _ in range(rank - own):
+                node = b.method("unsqueeze", node, 1)
+            return node
+        if isinstance(value, (list, tuple)):
+            return type(value)(batched(v, rank) for v in value)
+        return value
+
+    for k, op in enumerate(first.ops):
+        out = tensor_value(op.node)
+        rank = out.ndim
+        if op.kind == "elementwise":
+            args = batched(op.args, rank)
+            kwargs = {key: batched(v, rank) for key, v in op.kwargs.items()}
+            node = b.add(op.node.op, op.node.target, args, kwargs)
+        elif op.kind == "reshape":
+            node = b.method("reshape", values[op.args[0]][0], _target_shape(n, out.shape))
+        elif op.kind == "reduce":
+            x, own = values[op.args[0]]
+            dims, keepdim = reduce_dims(op.node, own)
+            if exact:
+                x = _contiguous_like(b, tensor_value(op.node.args[0]))(x)
+            kwargs = {"dtype": op.node.kwargs["dtype"]} if op.node.kwargs.get("dtype") is not None else {}
+            node = b.call(getattr(torch, op_name(op.node)), x, tuple(d + 1 for d in dims), keepdim, **kwargs)
+        else:
+            node = _batched_norm(b, op, values[op.args[0]], exact)
+        if not same_shape(tensor_value(node).shape, (n, *out.shape)):
+            node = b.method("reshape", node, _target_shape(n, out.shape))
+        values[Ref("op", k)] = (node, rank)
+
+    replacements = _combine(b, values[Ref("op", len(first.ops) - 1)][0], group.combiner, exact)
+    _check(replacements)
+    return replacements, "; ".join(dict.fromkeys(coverages))
+
+
+def _batched_norm(b: NodeBuilder, op: ProgramOp, operand: tuple[fx.Node, int], exact: bool) -> fx.Node:
+    site = op.site
+    x, own = operand
+    if own == 0:
+        raise RewriteError("a norm of a per-slice scalar")
+    recipe = site.recipe
+    dims = tuple(d + 1 for d in (site.dims if site.dims is not None else range(own)))
+    x = _casts(b, x, recipe.steps)
+    if not exact:
+        kwargs = {"dtype": recipe.dtype} if recipe.dtype is not None else {}
+        return b.call(torch.linalg.vector_norm, x, _static_ord(recipe.ord), _dims_arg(dims), site.keepdim, **kwargs)
+    reduced = site.reduction.args[0] if site.reduction.args else site.reduction.kwargs.get("input")
+    return _replay(b, x, recipe, dims, before_reduce=_contiguous_like(b, tensor_value(reduced)))

@@ -256,7 +256,7 @@ def _strip_casts(node: fx.Node, nodes: list[fx.Node]) -> tuple[fx.Node, list[tup
     return node, casts[::-1]
 
 
-def _root_exponent(node: fx.Node) -> tuple[float, fx.Node, tuple] | None:
+def root_exponent(node: fx.Node) -> tuple[float, fx.Node, tuple] | None:
     name = op_name(node)
     if name == "sqrt" and bind(node) is not None:
         return 0.5, node.args[0], ("sqrt",)
@@ -317,6 +317,12 @@ def _elementwise(node: fx.Node, nodes: list[fx.Node]) -> tuple[float, list[tuple
     if not isinstance(base, fx.Node):
         return None
     return p, [*casts, *steps], (base,), has_abs
+
+
+def elementwise_power(node: fx.Node) -> tuple[float, bool] | None:
+    """(p, has_abs) if ``node`` is ``|v|**p`` in one of the recognised spellings."""
+    found = _elementwise(node, [])
+    return None if found is None else (found[0], found[3])
 
 
 def _spelling(steps: tuple[tuple, ...], reduce_name: str) -> str:
@@ -385,7 +391,7 @@ def match_norm(root: fx.Node) -> NormSite | None:
 
     root_exp = None
     root_step: tuple = ()
-    found = _root_exponent(node)
+    found = root_exponent(node)
     if found is not None and op_name(found[1]) in ("sum", "amax", "amin", "max", "min"):
         root_exp, below, root_step = found
         nodes.append(node)
