@@ -25,12 +25,14 @@ before any use is redirected, and undone if the graph then fails ``lint``.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from ..report import FuseReport, Rewrite, Skip
-from .graph_utils import NodeBuilder, describe_source, is_impure, location, source_line
+from .graph_utils import NodeBuilder, describe_source, is_impure, location, source_line, topo_order
+from .chains import ChainGroup, MultiNormGroup, emit_chain, emit_multi_norm, find_chains, find_multi_norms
 from .grouping import NormGroup, ProgramGroup, Skipped, find_groups
 from .rewrite import RewriteError, emit_group, emit_program
 
@@ -44,6 +46,58 @@ def _skip(report: FuseReport, comb, reason: str) -> None:
     )
     counters["normfuse"][f"skipped: {reason}"] += 1
     log.debug("normfuse: left a %s of %d alone: %s", comb.kind, len(comb.elements), reason)
+
+
+_EMITTERS = {
+    NormGroup: emit_group,
+    ProgramGroup: emit_program,
+    ChainGroup: emit_chain,
+    MultiNormGroup: emit_multi_norm,
+}
+
+
+def _replaced(item: Any) -> fx.Node:
+    """The node a group's result replaces (its new nodes inherit this node's stack trace)."""
+    if isinstance(item, ChainGroup):
+        return item.site.root
+    if isinstance(item, MultiNormGroup):
+        return item.root
+    return item.combiner.node
+
+
+def _find_all(graph: fx.Graph, exact: bool) -> list[Any]:
+    """Loops first; then, in the default mode, norms over several tensors and loop-free chains
+    among the nodes no loop group claimed."""
+    found: list[Any] = find_groups(graph)
+    if exact:
+        return found
+    claimed: set[fx.Node] = set()
+    for item in found:
+        if not isinstance(item, Skipped):
+            claimed |= item.owned_nodes()
+    order = topo_order(graph)
+    nodes = list(graph.nodes)
+    found += find_multi_norms(graph, claimed, order, nodes)
+    found += find_chains(graph, claimed, order, nodes)
+    return found
+
+
+def _describe_loop_free(item: ChainGroup | MultiNormGroup, coverage: str, removed: int) -> Rewrite:
+    if isinstance(item, ChainGroup):
+        site, root = item.site, item.site.root
+        source, ord_, dims, spelling, pattern = (
+            describe_source(site.inputs[0]), site.recipe.ord, site.dims or (), site.recipe.spelling, "chain"
+        )
+        count = 1
+    else:
+        root = item.root
+        source = ", ".join(dict.fromkeys(describe_source(t) for t in item.tensors))
+        ord_, dims, spelling, pattern, count = item.ord, (), item.spelling, "multi-tensor", len(item.tensors)
+    return Rewrite(
+        pattern=pattern, source=source, dim=-1, slices=count, coverage=coverage, ord=ord_,
+        dims=tuple(dims), spelling=spelling, nodes_removed=removed, location=location(root),
+        code=source_line(root), exact=False,
+    )
 
 
 def _describe(item: NormGroup | ProgramGroup, coverage: str, removed: int, exact: bool) -> Rewrite:
@@ -102,18 +156,18 @@ def fuse_norms(gm: fx.GraphModule, *, exact: bool = False) -> FuseReport:
     report = FuseReport(exact=exact, nodes_before=len(graph.nodes))
     log.debug("normfuse: graph before\n%s", gm.code if log.isEnabledFor(logging.DEBUG) else "")
 
-    planned: list[tuple[NormGroup | ProgramGroup, NodeBuilder, dict[fx.Node, fx.Node], str]] = []
-    for item in find_groups(graph):
+    planned: list[tuple[Any, NodeBuilder, dict[fx.Node, fx.Node], str]] = []
+    for item in _find_all(graph, exact):
         if isinstance(item, Skipped):
             _skip(report, item.combiner, item.reason)
             continue
-        builder = NodeBuilder(graph, item.anchor, item.combiner.node)
+        builder = NodeBuilder(graph, item.anchor, _replaced(item))
         try:
-            emit = emit_group if isinstance(item, NormGroup) else emit_program
-            replacements, coverage = emit(builder, item, exact)
+            replacements, coverage = _EMITTERS[type(item)](builder, item, exact)
         except RewriteError as e:
             builder.discard()
-            _skip(report, item.combiner, f"cannot batch: {e}")
+            if hasattr(item, "combiner"):
+                _skip(report, item.combiner, f"cannot batch: {e}")
             continue
         except Exception:
             builder.discard()
@@ -148,7 +202,10 @@ def fuse_norms(gm: fx.GraphModule, *, exact: bool = False) -> FuseReport:
 
     for (item, builder, _, coverage), nodes in zip(planned, owned):
         removed = sum(n not in alive for n in nodes) - len(builder.created)
-        rewrite = _describe(item, coverage, removed, exact)
+        if isinstance(item, (NormGroup, ProgramGroup)):
+            rewrite = _describe(item, coverage, removed, exact)
+        else:
+            rewrite = _describe_loop_free(item, coverage, removed)
         report.rewrites.append(rewrite)
         counters["normfuse"]["rewrites"] += 1
         counters["normfuse"]["slices_collapsed"] += rewrite.slices

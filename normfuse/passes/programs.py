@@ -242,7 +242,7 @@ def _is_power_sum(node: Any, root_exp: float, program: Program) -> bool:
     power = elementwise_power(args["input"])
     if power is None:
         return False
-    p, has_abs = power
+    p, has_abs = power.p, power.has_abs
     if p == 1 or (not has_abs and not (p == int(p) and int(p) % 2 == 0)):
         return False
     return abs(root_exp * p - 1) <= 1e-9

@@ -319,10 +319,25 @@ def _elementwise(node: fx.Node, nodes: list[fx.Node]) -> tuple[float, list[tuple
     return p, [*casts, *steps], (base,), has_abs
 
 
-def elementwise_power(node: fx.Node) -> tuple[float, bool] | None:
-    """(p, has_abs) if ``node`` is ``|v|**p`` in one of the recognised spellings."""
-    found = _elementwise(node, [])
-    return None if found is None else (found[0], found[3])
+@dataclasses.dataclass(frozen=True)
+class Power:
+    """``node`` computes ``|base|**p`` (``has_abs``: the abs is explicit) through ``nodes``."""
+
+    p: float
+    has_abs: bool
+    base: fx.Node
+    casts: bool
+    nodes: tuple[fx.Node, ...]
+
+
+def elementwise_power(node: fx.Node) -> Power | None:
+    """``|v|**p`` in one of the recognised spellings (``v*v`` with two slice nodes excluded)."""
+    nodes: list[fx.Node] = []
+    found = _elementwise(node, nodes)
+    if found is None or len(found[2]) != 1:
+        return None
+    p, steps, inputs, has_abs = found
+    return Power(p, has_abs, inputs[0], any(s[0] == "cast" for s in steps), tuple(nodes))
 
 
 def _spelling(steps: tuple[tuple, ...], reduce_name: str) -> str:
