@@ -99,9 +99,13 @@ def _tensors(dtype, seed=0):
     return [(torch.randn(s, generator=g, dtype=torch.float64) * 2).to(dtype) for s in SHAPES]
 
 
+MULTI = [global_norm, global_norm_of_norms, global_linf, clip_by_global_norm]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("fn", [global_norm, global_norm_of_norms, global_linf, clip_by_global_norm], ids=lambda f: f.__name__)
-def test_multi_tensor_norm(fn, dtype):
+@pytest.mark.parametrize("fn", MULTI, ids=lambda f: f.__name__)
+def test_multi_tensor_norm(fn, dtype, monkeypatch):
+    monkeypatch.setitem(chains.MULTI_TENSOR_FORM, "cpu", "vector_norm")
     traced = compare_with_eager(fn, *_tensors(dtype))
     (rw,) = traced.report.rewrites
     assert rw.pattern == "multi-tensor" and rw.slices == 3
@@ -111,13 +115,21 @@ def test_multi_tensor_norm(fn, dtype):
     assert traced.count(torch.stack) == 1
 
 
+@pytest.mark.parametrize("fn", MULTI, ids=lambda f: f.__name__)
+def test_multi_tensor_norm_kept_on_cpu_by_default(fn):
+    # the fused sum of powers is the fastest form under Inductor on CPU; its pieces are no chains
+    traced = compare_with_eager(fn, *_tensors(torch.float32))
+    assert traced.report.rewrites == [] and traced.after == traced.before
+
+
 def test_multi_tensor_l1_is_a_plain_sum_and_left_alone():
     # no root: the sum of L1 norms is already a norm's value, and there is nothing to batch
     traced = compare_with_eager(global_l1, *_tensors(torch.float32))
     assert not [r for r in traced.report.rewrites if r.pattern == "multi-tensor"]
 
 
-def test_multi_tensor_mixed_dtypes():
+def test_multi_tensor_mixed_dtypes(monkeypatch):
+    monkeypatch.setitem(chains.MULTI_TENSOR_FORM, "cpu", "vector_norm")
     a, b, c = _tensors(torch.float32)
     traced = compare_with_eager(global_norm, a.half(), b, c.double(), tol=TOLERANCES[torch.float16])
     assert traced.out.dtype == torch.float64 and len(traced.report.rewrites) == 1
@@ -131,7 +143,8 @@ def test_multi_tensor_foreach_form(monkeypatch):
     assert rw.coverage == "3 tensors, foreach"
 
 
-def test_multi_tensor_mutation_between_terms_left_alone():
+def test_multi_tensor_mutation_between_terms_left_alone(monkeypatch):
+    monkeypatch.setitem(chains.MULTI_TENSOR_FORM, "cpu", "vector_norm")
     def fn(a, b):
         a2, b2 = a.clone(), b.clone()
         s = (a2**2).sum()

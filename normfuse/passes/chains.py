@@ -10,8 +10,9 @@ which are already what it would emit):
 * **Several tensors.** A global norm over a list of differently shaped tensors, spelled
   ``sqrt(sum((p ** 2).sum() for p in ps))``, ``sum(p.norm() ** 2 for p in ps).sqrt()`` or
   ``max(p.abs().max() for p in ps)``, becomes the form ``clip_grad_norm_`` uses: one norm per
-  tensor (``torch._foreach_norm`` per device and dtype where it is fastest, else one
-  ``vector_norm`` each), then one ``vector_norm`` of their stack.
+  tensor (``torch._foreach_norm`` per device and dtype, or one ``vector_norm`` each), then one
+  ``vector_norm`` of their stack, on the devices where that measures faster under Inductor than
+  the fused sum of powers (``MULTI_TENSOR_FORM``).
 """
 
 from __future__ import annotations
@@ -30,9 +31,17 @@ from .spellings import NormSite, elementwise_power, match_norm, match_slice, roo
 _REAL_FLOATS = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
 
 #: How a norm over several tensors is emitted, by device type: "foreach" (``torch._foreach_norm``
-#: per device and dtype: one multi-tensor kernel on CUDA) or "vector_norm" (one per tensor: on
-#: CPU, Inductor has no lowering for ``_foreach_norm`` and calls it as an extern kernel).
-MULTI_TENSOR_FORM = {"cpu": "vector_norm", "cuda": "foreach"}
+#: per device and dtype, then a norm of the stack: one multi-tensor kernel on CUDA),
+#: "vector_norm" (one ``vector_norm`` per tensor, then a norm of the stack), or "keep" (the
+#: user's summed powers, which Inductor fuses into one kernel). On CPU "keep" measures fastest:
+#: Inductor has no lowering for ``_foreach_norm`` (an extern call), and both rewritten forms ran
+#: at 1.7x the time of the fused sum of squares (12 MLP-shaped tensors, 1 thread, torch 2.13).
+MULTI_TENSOR_FORM = {"cpu": "keep", "cuda": "foreach"}
+
+
+def multi_tensor_form(tensors: list[fx.Node]) -> str:
+    devices = {tensor_value(t).device.type for t in tensors}
+    return MULTI_TENSOR_FORM.get(devices.pop(), "keep") if len(devices) == 1 else "keep"
 
 
 @dataclasses.dataclass
@@ -229,15 +238,15 @@ def find_multi_norms(graph: fx.Graph, claimed: set[fx.Node], order: dict, nodes:
         first = min(owned, key=order.__getitem__)
         if not _unmutated(list(tensors), first, node, order, nodes):
             continue
-        found.append(MultiNormGroup(node, tensors, p, owned, node, spelling))
-        claimed |= owned
+        claimed |= owned  # also when kept: its per-tensor pieces are no chains to rewrite
+        if multi_tensor_form(tensors) != "keep":
+            found.append(MultiNormGroup(node, tensors, p, owned, node, spelling))
     return found
 
 
 def emit_multi_norm(b: NodeBuilder, group: MultiNormGroup, exact: bool) -> tuple[dict[fx.Node, fx.Node], str]:
     ord_ = int(group.ord) if math.isfinite(group.ord) and group.ord == int(group.ord) else group.ord
-    devices = {tensor_value(t).device.type for t in group.tensors}
-    form = MULTI_TENSOR_FORM.get(devices.pop(), "vector_norm") if len(devices) == 1 else "vector_norm"
+    form = multi_tensor_form(group.tensors)
     norms: list[fx.Node] = []
     if form == "foreach":
         by_kind: dict[tuple, list[fx.Node]] = {}
