@@ -3,7 +3,10 @@
     import normfuse
     torch.compile(model, backend=normfuse.backend)   # or backend="normfuse" once installed
     normfuse.fuse_norms(gm)                          # the pass alone, in place
-    print(normfuse.explain(fn, x))                   # what would be rewritten
+    normfuse.explain(fn, x)                          # what would be rewritten, checked
+    python -m normfuse explain file.py:fn --shape 32,10   # the same from the shell
+
+NORMFUSE_LOG=1 (or debug) logs each rewrite to stderr; TORCH_LOGS="+normfuse" works too.
 """
 
 from .backend import backend
@@ -13,3 +16,7 @@ from .report import FuseReport, Rewrite, Skip
 
 __all__ = ["backend", "explain", "fuse_norms", "FuseReport", "Rewrite", "Skip"]
 __version__ = "0.1.0"
+
+from .logs import configure_from_env as _configure_logs  # noqa: E402
+
+_configure_logs()

@@ -116,11 +116,11 @@ def _describe(item: NormGroup | ProgramGroup, coverage: str, removed: int, exact
         ord_ = norms[0].recipe.ord if norms else 2.0
         dims = norms[0].dims or () if norms else ()
         spelling = "program: " + " -> ".join(
-            op.site.recipe.spelling if op.kind == "norm" else str(op.node.target).split(".")[-1].split(" ")[-1].strip(">")
+            op.site.recipe.spelling if op.kind == "norm" else getattr(op.node.target, "__name__", None) or str(op.node.target)
             for op in program.ops
         )
         slices, root = len(item.programs), program.root
-    return Rewrite(
+    rewrite = Rewrite(
         pattern=comb.kind,
         source=source,
         dim=dim,
@@ -133,7 +133,22 @@ def _describe(item: NormGroup | ProgramGroup, coverage: str, removed: int, exact
         location=location(root) or location(comb.node),
         code=source_line(root),
         exact=exact,
+        node=comb.node.name,
+        anchor=item.anchor.name,
     )
+    from ..suggest import element_nodes, suggest  # here: normfuse.suggest imports this package
+
+    try:  # the graph is rewritten by now: describing it must not fail the pass
+        rewrite.element_nodes = element_nodes(item)
+        found = suggest(item, comb.node.graph)
+    except Exception as e:
+        log.debug("normfuse: no suggestion for the %s at %s: %s: %s", comb.kind, rewrite.location, type(e).__name__, e)
+        found = None
+    if found is not None:
+        rewrite.suggestion, rewrite.suggestion_kind, rewrite.names, rewrite.note = (
+            found.code, found.kind, found.names, found.note
+        )
+    return rewrite
 
 
 def fuse_norms(gm: fx.GraphModule, *, exact: bool = False) -> FuseReport:
@@ -211,9 +226,10 @@ def fuse_norms(gm: fx.GraphModule, *, exact: bool = False) -> FuseReport:
         counters["normfuse"]["slices_collapsed"] += rewrite.slices
         counters["normfuse"]["nodes_removed"] += removed
         log.info(
-            "normfuse: %s of %d per-slice %s of %s (dim %d) -> one batch, ord=%s dims=%s%s [%s]",
+            "normfuse: %s of %d per-slice %s of %s (dim %d) -> one batch, ord=%s dims=%s%s [%s]%s",
             rewrite.pattern, rewrite.slices, rewrite.spelling, rewrite.source, rewrite.dim, rewrite.ord,
             rewrite.dims, " (exact)" if exact else "", rewrite.location,
+            f"; instead: {'; '.join(rewrite.suggestion.splitlines())}" if rewrite.suggestion else "",
         )
 
     report.nodes_after = len(graph.nodes)
