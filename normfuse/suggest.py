@@ -171,7 +171,8 @@ class _Writer:
         self.notes: list[str] = []
         self.lines: list[str] = []
         self.taken: set[str] = {"torch", "float", "abs"}
-        for node in graph.nodes:  # every input's name, so that no temporary shadows one
+        for node in graph.nodes:  # every name the code may read, so that no temporary shadows one
+            self.taken.add(node.name)
             if node.op == "placeholder":
                 self.taken.add(re.split(r"[.\[]", user_name(describe_source(node)) or node.name)[0])
         self._mutators = [n for n in graph.nodes if is_mutating(n)]
@@ -292,7 +293,9 @@ class _Writer:
         if step >= 1 and all(b - a == step for a, b in zip(idx, idx[1:])):
             picked = f"{idx[0]}:{idx[-1] + 1}" + ("" if step == 1 else f":{step}")
             return _E(f"{x.operand(_ATOM)}[{':, ' * d}{picked}]")
-        return self.method(x, "index_select", str(d), f"torch.tensor({idx})")
+        device = tensor_value(source).device
+        where = "" if device.type == "cpu" else f", device={x.operand(_ATOM)}.device"
+        return self.method(x, "index_select", str(d), f"torch.tensor({idx}{where})")
 
     def vector_norm(self, x: _E, recipe, dims: tuple[int, ...], keepdim: bool) -> _E:
         for step in recipe.steps:
