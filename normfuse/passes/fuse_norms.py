@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
@@ -151,11 +152,25 @@ def _describe(item: NormGroup | ProgramGroup, coverage: str, removed: int, exact
     return rewrite
 
 
+def _fuse_exported(ep: "torch.export.ExportedProgram", exact: bool) -> FuseReport:
+    """The pass on an exported program's ATen graph; its signature names the new outputs."""
+    gm = ep.graph_module
+    report = fuse_norms(gm, exact=exact)
+    if report.rewrites:
+        output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+        for spec, arg in zip(ep.graph_signature.output_specs, output.args[0]):
+            if isinstance(arg, fx.Node) and hasattr(spec.arg, "name"):
+                spec.arg.name = arg.name
+    return report
+
+
 def fuse_norms(gm: fx.GraphModule, *, exact: bool = False) -> FuseReport:
     """Rewrite every group of per-slice norms in ``gm`` into one batched norm, in place.
 
     Args:
-        gm: a GraphModule captured by Dynamo (torch-level ops, ``example_value`` metadata).
+        gm: a GraphModule captured by Dynamo (torch-level ops, ``example_value`` metadata), an
+            ATen-level GraphModule (``val`` metadata), or a ``torch.export.ExportedProgram``
+            (rewritten in place, signature included, ready for AOTInductor).
         exact: emit the user's own chain of ops, batched, instead of ``vector_norm``; this
             reproduces the naive loop bit for bit in eager, overflow and NaN gradients included.
 
@@ -167,6 +182,8 @@ def fuse_norms(gm: fx.GraphModule, *, exact: bool = False) -> FuseReport:
         >>> gm = ...  # from a Dynamo backend
         >>> print(normfuse.fuse_norms(gm))
     """
+    if isinstance(gm, torch.export.ExportedProgram):
+        return _fuse_exported(gm, exact)
     graph = gm.graph
     report = FuseReport(exact=exact, nodes_before=len(graph.nodes))
     log.debug("normfuse: graph before\n%s", gm.code if log.isEnabledFor(logging.DEBUG) else "")

@@ -106,7 +106,8 @@ _SIGNATURES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "mean": (("input", "dim", "keepdim"), {"dim": None, "keepdim": False, "dtype": None}),
     "pow": (("input", "exponent"), {}),
     "mul": (("input", "other"), {}),
-    "add": (("input", "other"), {}),
+    "add": (("input", "other"), {"alpha": 1}),
+    "slice": (("input", "dim", "start", "end", "step"), {"dim": 0, "start": None, "end": None, "step": 1}),
     "sqrt": (("input",), {}),
     "square": (("input",), {}),
     "abs": (("input",), {}),
@@ -138,11 +139,28 @@ _SIGNATURES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
 }
 
 
+# ATen overloads (graphs from torch.export, or after AOTAutograd) by their schema's base name.
+_ATEN_RENAMES = {
+    "linalg_vector_norm": "vector_norm", "true_divide": "div", "split_with_sizes": "split",
+    "subtract": "sub", "clip": "clamp",
+}
+_ATEN_ARG_RENAMES = {"self": "input", "split_size": "split_size_or_sections", "split_sizes": "split_size_or_sections"}
+
+
+def _aten_name(target: Any) -> str | None:
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
+        return None
+    base = target._schema.name.split("::")[-1]
+    name = _ATEN_RENAMES.get(base, base)
+    known = set(_FUNCTION_NAMES.values()) | set(_METHOD_NAMES.values()) | {"slice"}
+    return name if name in known and name not in ("norm", "to", "float", "double", "half", "bfloat16") else None
+
+
 def op_name(node: fx.Node) -> str | None:
     """The canonical name of the operation a node performs, or None for anything else."""
     if node.op == "call_function":
         try:
-            return _FUNCTION_NAMES.get(node.target)
+            return _FUNCTION_NAMES.get(node.target) or _aten_name(node.target)
         except TypeError:  # unhashable target
             return None
     if node.op == "call_method":
@@ -155,6 +173,8 @@ def bind(node: fx.Node) -> dict[str, Any] | None:
     name = op_name(node)
     if name is None or name not in _SIGNATURES:
         return None
+    if isinstance(node.target, torch._ops.OpOverload):
+        return _bind_aten(node, name)
     positional, defaults = _SIGNATURES[name]
     if len(node.args) > len(positional):
         return None
@@ -162,6 +182,33 @@ def bind(node: fx.Node) -> dict[str, Any] | None:
     bound.update(zip(positional, node.args))
     for key, value in node.kwargs.items():
         if key not in positional and key not in defaults:
+            return None
+        bound[key] = value
+    if any(p not in bound for p in positional):
+        return None
+    return bound
+
+
+def _bind_aten(node: fx.Node, name: str) -> dict[str, Any] | None:
+    """Bind by the overload's schema, in the canonical names; an argument the canonical signature
+    does not know (``aten.max.dim``'s ``dim``) means another operation, so binding fails."""
+    positional, defaults = _SIGNATURES[name]
+    known = set(positional) | set(defaults)
+    bound = dict(defaults)
+    schema_args = node.target._schema.arguments
+    for arg in schema_args:
+        key = _ATEN_ARG_RENAMES.get(arg.name, arg.name)
+        if key not in known:
+            return None
+        if arg.has_default_value():
+            bound[key] = arg.default_value
+    names = [_ATEN_ARG_RENAMES.get(a.name, a.name) for a in schema_args if not a.kwarg_only]
+    if len(node.args) > len(names):
+        return None
+    bound.update(zip(names, node.args))
+    for key, value in node.kwargs.items():
+        key = _ATEN_ARG_RENAMES.get(key, key)
+        if key not in known:
             return None
         bound[key] = value
     if any(p not in bound for p in positional):
@@ -280,14 +327,83 @@ def fake_mode_of(graph: fx.Graph):
     return None
 
 
+class RewriteError(Exception):
+    """A group cannot be emitted; the graph is left as it was."""
+
+
+def is_aten_graph(graph: fx.Graph) -> bool:
+    """Whether the graph is ATen-level (``torch.export``, AOTAutograd): fake values under ``val``."""
+    metas = [n.meta for n in graph.nodes if n.op != "output"]
+    return any("val" in m for m in metas) and not any("example_value" in m for m in metas)
+
+
+def _int_list(dims: Any) -> list[int]:
+    return [dims] if isinstance(dims, int) else list(dims)
+
+
+def _slice_index(x: Any, index: Any) -> tuple:
+    items = index if isinstance(index, tuple) else (index,)
+    dim = len(items) - 1
+    picked = items[-1]
+    if not isinstance(picked, slice) or any(not (isinstance(i, slice) and i == slice(None)) for i in items[:-1]):
+        raise RewriteError(f"index {index!r} has no ATen form here")
+    return (x, dim, picked.start, picked.stop, 1 if picked.step is None else picked.step)
+
+
+def _aten_form(op: str, target: Any, args: tuple, kwargs: dict) -> tuple[Any, tuple, dict]:
+    """The ATen overload for a torch-level call the rewrites emit (for ``torch.export`` graphs)."""
+    aten = torch.ops.aten
+    if op == "call_method":
+        x, rest = args[0], args[1:]
+        table = {
+            "movedim": lambda: (aten.movedim.int, (x, *rest), {}),
+            "reshape": lambda: (aten.reshape.default, (x, list(rest[0])), {}),
+            "unsqueeze": lambda: (aten.unsqueeze.default, (x, *rest), {}),
+            "flatten": lambda: (aten.flatten.using_ints, (x, *rest), {}),
+            "sum": lambda: (aten.sum.dim_IntList, (x, _int_list(rest[0])), {}),
+            "contiguous": lambda: (aten.clone.default, (x,), {"memory_format": torch.contiguous_format}),
+            "unbind": lambda: (aten.unbind.int, (x, *rest), {}),
+            "to": lambda: (aten._to_copy.default, (x,), {"dtype": rest[0]}),
+        }
+        if target not in table:
+            raise RewriteError(f"no ATen form for Tensor.{target}")
+        return table[target]()
+    if isinstance(target, torch._ops.OpOverload) or target is operator.getitem and isinstance(args[1], int):
+        return target, args, kwargs
+    if target is operator.getitem:
+        return aten.slice.Tensor, _slice_index(*args), {}
+    if target is torch.linalg.vector_norm:
+        x, ord_, dims, keepdim = args
+        return aten.linalg_vector_norm.default, (x, ord_, _int_list(dims), keepdim), kwargs
+    if target in (torch.sum, torch.mean, torch.amax, torch.amin):
+        x, dims, keepdim = args
+        overload = {
+            torch.sum: aten.sum.dim_IntList, torch.mean: aten.mean.dim, torch.amax: aten.amax.default,
+            torch.amin: aten.amin.default,
+        }
+        return overload[target], (x, _int_list(dims), keepdim), kwargs
+    simple = {
+        torch.abs: aten.abs.default, torch.sqrt: aten.sqrt.default, torch.square: aten.square.default,
+        torch.mul: aten.mul.Tensor, torch.stack: aten.stack.default, torch.index_select: aten.index_select.default,
+        torch._foreach_norm: aten._foreach_norm.Scalar,
+    }
+    if target is torch.pow:
+        return (aten.pow.Tensor_Scalar if is_number(args[1]) else aten.pow.Tensor_Tensor), args, kwargs
+    if target in simple:
+        return simple[target], args, kwargs
+    raise RewriteError(f"no ATen form for {getattr(target, '__name__', target)} (an index list, say)")
+
+
 class NodeBuilder:
-    """Inserts nodes before an anchor and gives each the fake value Dynamo would have given it."""
+    """Inserts nodes before an anchor and gives each the fake value the graph's own nodes carry
+    (Dynamo's ``example_value``; in an ATen graph, ATen overloads and ``val``)."""
 
     def __init__(self, graph: fx.Graph, anchor: fx.Node, meta_from: fx.Node):
         self.graph = graph
         self.anchor = anchor
         self.meta = {k: meta_from.meta[k] for k in ("stack_trace", "nn_module_stack") if k in meta_from.meta}
         self.fake_mode = fake_mode_of(graph)
+        self.aten = is_aten_graph(graph)
         self.created: list[fx.Node] = []
 
     def _value(self, op: str, target: Any, args: tuple, kwargs: dict) -> Any:
@@ -302,11 +418,14 @@ class NodeBuilder:
 
     def add(self, op: str, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
         kwargs = kwargs or {}
+        if self.aten:
+            target, args, kwargs = _aten_form(op, target, args, kwargs)
+            op = "call_function"
         value = self._value(op, target, args, kwargs)
         with self.graph.inserting_before(self.anchor):
             node = self.graph.create_node(op, target, args, kwargs)
         node.meta.update(self.meta)
-        node.meta["example_value"] = value
+        node.meta["val" if self.aten else "example_value"] = value
         self.created.append(node)
         return node
 
@@ -361,3 +480,12 @@ def describe_source(node: fx.Node) -> str:
     if callable(name):  # a method in older torch releases
         name = name()
     return name if isinstance(name, str) else node.name
+
+
+def is_plain_add(node: fx.Node) -> bool:
+    """``a + b``: ``operator.add``, or ATen's ``add.Tensor`` with ``alpha`` 1."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.add:
+        return not node.kwargs
+    return node.target is torch.ops.aten.add.Tensor and node.kwargs.get("alpha", 1) == 1 and len(node.args) == 2

@@ -10,13 +10,13 @@ in words. Nothing here changes the graph.
 from __future__ import annotations
 
 import dataclasses
-import operator
 import torch
 import torch.fx as fx
 
 from .graph_utils import (
     bind,
     is_mutating,
+    is_plain_add,
     is_number,
     may_alias,
     normalize_dim,
@@ -106,16 +106,15 @@ def _combiner(node: fx.Node) -> Combiner | None:
         if dim is None:
             return None
         return Combiner(node, name, list(tensors), dim)
-    if node.op == "call_function" and node.target is operator.add:
+    if is_plain_add(node):
         return _sum_chain(node)
     return None
 
 
 def _sum_chain(last: fx.Node) -> Combiner | None:
     """The add chain ending at ``last`` (``sum(gen)`` or ``a + b + c``), read back to its start."""
-    for user in last.users:
-        if user.op == "call_function" and user.target is operator.add and len(last.users) == 1:
-            return None  # not the end of the chain
+    if len(last.users) == 1 and is_plain_add(next(iter(last.users))):
+        return None  # not the end of the chain
     chain, elements = [last], []
     node = last
     while True:
@@ -123,13 +122,7 @@ def _sum_chain(last: fx.Node) -> Combiner | None:
         if not isinstance(rhs, fx.Node):
             return None
         elements.append(rhs)
-        if (
-            isinstance(lhs, fx.Node)
-            and lhs.op == "call_function"
-            and lhs.target is operator.add
-            and len(lhs.users) == 1
-            and not lhs.kwargs
-        ):
+        if isinstance(lhs, fx.Node) and is_plain_add(lhs) and len(lhs.users) == 1:
             chain.append(lhs)
             node = lhs
             continue

@@ -24,14 +24,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .graph_utils import NodeBuilder, op_name, same_shape, same_size, tensor_value
+from .graph_utils import NodeBuilder, RewriteError, op_name, same_shape, same_size, tensor_value
 from .grouping import Combiner, NormGroup, ProgramGroup
 from .programs import ProgramOp, Ref, reduce_dims
 from .spellings import NormRecipe
-
-
-class RewriteError(Exception):
-    """The group cannot be emitted; the graph is left as it was."""
 
 
 def _coverage(b: NodeBuilder, source: fx.Node, d: int, idx: list[int]) -> tuple[fx.Node, str]:

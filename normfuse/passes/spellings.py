@@ -116,6 +116,16 @@ def match_slice(node: fx.Node) -> SliceOf | None:
         if unit is None:
             return None
         return SliceOf(node, source, dim, unit[0], False)
+    if name == "slice":  # ATen's x[i:i+1]
+        source = args["input"]
+        src = tensor_value(source)
+        if src is None:
+            return None
+        dim = normalize_dim(args["dim"], src.ndim)
+        unit = None if dim is None else _unit_index(slice(args["start"], args["end"], args["step"]), src.shape[dim])
+        if unit is None:
+            return None
+        return SliceOf(node, source, dim, unit[0], True)
     if name == "narrow":
         source = args["input"]
         src = tensor_value(source)
@@ -237,7 +247,7 @@ def _vector_norm_call(name: str, args: dict, ndim: int) -> tuple[float, Any] | N
 def _strip_casts(node: fx.Node, nodes: list[fx.Node]) -> tuple[fx.Node, list[tuple]]:
     """Walk down through dtype casts; return the tensor below them and the casts, innermost first."""
     casts: list[tuple] = []
-    while True:
+    while len(node.users) <= 1:  # a cast used elsewhere too is the norm's input, not part of it
         name = op_name(node)
         if name in _CASTS and len(node.args) == 1 and not node.kwargs:
             dtype = _CASTS[name]
