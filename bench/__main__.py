@@ -3,51 +3,73 @@
     python -m bench --quick                  # about 2 minutes on 2 CPU cores
     python -m bench                          # the full CPU run (under 10 minutes)
     python -m bench --device cuda            # the same on a GPU
-    python -m bench --workloads l2-index,wgan-gp --sizes 32,128 --modes fwd+bwd --sweep-sizes none
+    python -m bench --workloads l2-index,wgan-gp --sizes 32,128 --modes fwd+bwd --sweep none
+    python -m bench --sweep l2-image:fwd:64,256,1024 --sizes 64
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import shlex
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 from . import report
-from .runner import Runner
+from .runner import ROOT, Runner
 from .workloads import WORKLOADS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ALL_VARIANTS = ["eager", "dynamo", "inductor", "normfuse", "ideal"]
 
-# name: (sizes, sweep sizes, steady-state repeats, ms per repeat, cold compiles at most)
+# name: (sizes, steady-state repeats, ms per repeat, cold compiles at most)
 PRESETS = {
-    "quick": ([8], [], 3, 3.0, 1),
-    "full": ([16, 64], [8, 16, 64, 256, 512, 1024], 7, 15.0, 3),
+    "quick": ([8], 101, 1.0, 1),
+    "full": ([64], 201, 1.0, 3),
 }
 
 
+DEFAULT_SWEEP = "l2-index:fwd+bwd:8,16,64,256,1024"
+
+
 def _ints(text: str) -> list[int]:
-    return [] if text in ("", "none") else [int(x) for x in text.split(",")]
+    return [int(x) for x in text.split(",")]
+
+
+def _sweep(text: str) -> tuple[str, str, list[int]] | None:
+    if text == "none":
+        return None
+    try:
+        name, mode, sizes = text.split(":")
+        assert name in WORKLOADS and mode in ("fwd", "fwd+bwd")
+        return name, mode if WORKLOADS[name].trains else "fwd", _ints(sizes)
+    except (ValueError, AssertionError):
+        raise argparse.ArgumentTypeError(f"expected WORKLOAD:MODE:B,B,... with a workload from {', '.join(WORKLOADS)}") from None
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="B=8, each workload in its own mode, no sweep, one cold compile each (under 2 min on CPU)")
+    p.add_argument("--quick", action="store_true", help="B=8, forward only, no sweep, one cold compile each (under 2 min on CPU)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated, from: " + ", ".join(WORKLOADS))
-    p.add_argument("--sizes", type=_ints, help="B values of the main table (default 16,64; --quick: 8)")
+    p.add_argument("--sizes", type=_ints, help="B values of the main table (default 64; --quick: 8)")
     p.add_argument(
         "--modes",
         default=None,
         help="fwd and/or fwd+bwd (fwd+bwd only where the workload trains), or 'own': fwd+bwd where the "
-        "workload trains, else fwd (default fwd,fwd+bwd; --quick: own)",
+        "workload trains, else fwd (default own; --quick: fwd)",
     )
-    p.add_argument("--sweep-sizes", type=_ints, help="B values of the scaling sweep, or 'none' (default 8,16,64,256,512,1024)")
-    p.add_argument("--sweep-workload", default="l2-index", choices=list(WORKLOADS))
-    p.add_argument("--sweep-mode", default="fwd+bwd", choices=["fwd", "fwd+bwd"])
+    p.add_argument(
+        "--sweep",
+        action="append",
+        type=_sweep,
+        help="a scaling sweep WORKLOAD:MODE:B,B,...; repeatable; 'none' for no sweep "
+        f"(default {DEFAULT_SWEEP}; --quick: none)",
+    )
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per compile before it is reported as '>N s'")
     p.add_argument("--max-minutes", type=float, default=None, help="start no new job after this long; what ran is saved")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for <device>.md/.json/-sweep.png")
@@ -57,19 +79,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     unknown = set(args.workloads.split(",")) - set(WORKLOADS)
     if unknown:
         p.error(f"unknown workloads: {', '.join(sorted(unknown))}")
+    if args.sweep is None:
+        args.sweep = [] if args.quick else [_sweep(DEFAULT_SWEEP)]
+    args.sweep = [sw for sw in args.sweep if sw is not None]
     if args.modes is None:
-        args.modes = "own" if args.quick else "fwd,fwd+bwd"
+        args.modes = "fwd" if args.quick else "own"
     if args.modes != "own" and set(args.modes.split(",")) - {"fwd", "fwd+bwd"}:
         p.error("--modes takes fwd and/or fwd+bwd, or own")
     return args
 
 
 def plan(args: argparse.Namespace, preset: tuple) -> list[dict]:
-    sizes, sweep_sizes, repeats, target_ms, compile_repeats = preset
+    sizes, repeats, target_ms, compile_repeats = preset
     sizes = args.sizes if args.sizes is not None else sizes
-    sweep_sizes = args.sweep_sizes if args.sweep_sizes is not None else sweep_sizes
+    # The sweeps run first: with --max-minutes, the scaling data is what must not be lost.
     common = dict(device=args.device, repeats=repeats, target_ms=target_ms, compile_repeats=compile_repeats, compile_budget_s=3.0)
     jobs = []
+    for name, mode, sweep_sizes in args.sweep:
+        for B in sweep_sizes:
+            jobs.append(dict(common, section=f"sweep {name} {mode}", workload=name, B=B, mode=mode, variants=ALL_VARIANTS))
     for name in args.workloads.split(","):
         w = WORKLOADS[name]
         modes = ["fwd+bwd" if w.trains else "fwd"] if args.modes == "own" else args.modes.split(",")
@@ -77,11 +105,17 @@ def plan(args: argparse.Namespace, preset: tuple) -> list[dict]:
             for mode in modes:
                 if mode == "fwd" or w.trains:
                     jobs.append(dict(common, section="table", workload=name, B=B, mode=mode, variants=ALL_VARIANTS))
-    sweep = WORKLOADS[args.sweep_workload]
-    mode = args.sweep_mode if sweep.trains else "fwd"
-    for B in sweep_sizes:
-        jobs.append(dict(common, section="sweep", workload=sweep.name, B=B, mode=mode, variants=ALL_VARIANTS))
     return jobs
+
+
+def _normfuse_revision() -> str:
+    """The commit the measured normfuse comes from, and whether normfuse/ had uncommitted edits."""
+    try:
+        git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()  # noqa: E731
+        rev = git("rev-parse", "--short", "HEAD")
+        return (rev + (" + uncommitted normfuse/ edits" if git("status", "--porcelain", "--", "normfuse") else "")) or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,20 +125,27 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.name or args.device
-    runner = Runner(args.device, args.timeout, args.out / f"{stem}{'-quick' if args.quick else ''}.log")
+    log = args.out / f"{stem}{'-quick' if args.quick else ''}.log"
+    runner = Runner(args.device, args.timeout, log, backward=any(job["mode"] == "fwd+bwd" for job in jobs))
     data = {
         "meta": {
             "command": "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv),
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "device": args.device,
+            "out": os.path.relpath(args.out),
             "timeout_s": args.timeout,
-            "workloads": {n: WORKLOADS[n].naive_code for n in args.workloads.split(",")},
+            "repeats": preset[1],
+            "sample_ms": preset[2],
+            "normfuse_revision": _normfuse_revision(),
+            "load_before": os.getloadavg()[0],
+            "workloads": {n: WORKLOADS[n].naive_code for n in dict.fromkeys(job["workload"] for job in jobs)},
         },
         "rows": [],
     }
     done: dict[tuple, dict] = {}
-    late: set[tuple] = set()  # (workload, mode) whose stock compile timed out: larger B would too
+    late: dict[tuple, int] = {}  # (workload, mode): smallest B whose stock compile timed out
     print(f"normfuse bench: {len(jobs)} jobs on {args.device}, 1 thread, timeout {args.timeout:g} s per compile", flush=True)
+    signal.signal(signal.SIGTERM, _terminate)  # `timeout` and the like: save, then stop the worker
     try:
         for i, job in enumerate(jobs, 1):
             if args.max_minutes is not None and time.monotonic() - started > args.max_minutes * 60:
@@ -114,20 +155,26 @@ def main(argv: list[str] | None = None) -> int:
             if key not in done:
                 variants = list(job["variants"])
                 skipped = {}
-                if (job["workload"], job["mode"]) in late:
+                if job["B"] >= late.get((job["workload"], job["mode"]), job["B"] + 1):  # a larger B would time out too
                     variants.remove("inductor")
                     skipped["inductor"] = {"timed_out": True, "first_call_s": args.timeout, "not_run": True}
                 t0 = time.monotonic()
                 done[key] = {**runner.run(dict(job, variants=variants)), **skipped}
                 if done[key].get("inductor", {}).get("timed_out"):
-                    late.add((job["workload"], job["mode"]))
+                    late[key[0], key[2]] = min(job["B"], late.get((key[0], key[2]), job["B"]))
                 print(f"[{i}/{len(jobs)}] {key[0]} B={key[1]} {key[2]}: {time.monotonic() - t0:.1f} s", flush=True)
             data["rows"].append({"section": job["section"], "workload": job["workload"], "B": job["B"], "mode": job["mode"], "result": done[key]})
             _finish(data, runner, args, started, final=False)
-    finally:
-        runner.close()
+    except BaseException:
+        runner.abort()
+        raise
+    runner.close()
     _finish(data, runner, args, started, final=True)
     return 0
+
+
+def _terminate(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _finish(data: dict, runner: Runner, args: argparse.Namespace, started: float, final: bool) -> None:
@@ -141,30 +188,21 @@ def _finish(data: dict, runner: Runner, args: argparse.Namespace, started: float
         copy_gbs=info.get("copy_gbs"),
         worker_starts=runner.starts,
         wall_s=time.monotonic() - started,
+        load_after=os.getloadavg()[0],
     )
     slug = args.name or report.device_slug(args.device, meta["device_name"])
     meta["slug"] = slug + ("-quick" if args.quick else "")
-    sweep = [r for r in data["rows"] if r["section"] == "sweep"]
-    if final and sweep and not args.no_plot:
-        png = report.plot_sweep(sweep, args.out / f"{meta['slug']}-sweep.png")
+    sweeps = {k: v for k, v in report.sections(data["rows"]).items() if k != "table"}
+    if final and sweeps and not args.no_plot:
+        png = report.plot_sweeps(sweeps, args.out / f"{meta['slug']}-sweep.png")
         meta["plot"] = png.name if png else None
         if png is None:
             print("matplotlib is not installed: no sweep plot (pip install matplotlib)")
-    json_path, md_path = report.save(data, args.out)
+    report.save(data, args.out)
     if not final:
         return
-    table = [r for r in data["rows"] if r["section"] == "table"]
     print()
-    print(report.render_table(table, "simple"))
-    if sweep:
-        print(f"\nScaling sweep: {sweep[0]['workload']}, {sweep[0]['mode']}")
-        print(report.render_table(sweep, "simple"))
-    print("\nTargets:")
-    print("\n".join(report.verdicts(table + sweep)))
-    bw = report.bandwidth_lines(table + sweep, meta)
-    if bw:
-        print("\nMemory bandwidth of the normfuse kernels (forward):\n" + "\n".join(bw))
-    print(f"\n{meta['device_name']}, torch {meta['torch']}, 1 thread; {meta['wall_s']:.0f} s; saved {md_path} and {json_path.name}")
+    print(report.text(data))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The measuring side: a worker process that compiles cold and times steady state.
 
-``python -m bench.harness`` reads jobs (JSON, one a line) on stdin and writes events (JSON, one a
+``python -m bench.harness DEVICE [--no-backward]`` reads jobs (JSON, one a line) on stdin and writes events (JSON, one a
 line) on its original stdout; everything torch prints goes to stderr. A job is one workload at one
 size and mode; the worker compiles each requested variant cold, one after the other, telling the
 parent before and after each compile (the parent's watchdog kills the worker when a compile runs
@@ -81,19 +81,20 @@ class Worker:
         if variant == "normfuse":
 
             def fused(gm, example_inputs):
-                before = counters["normfuse"]["nodes_removed"], counters["normfuse"]["rewrites"]
+                keys = ("nodes_removed", "rewrites", "pass_failed")
+                before = [counters["normfuse"][k] for k in keys]
                 graphs["count"] += 1
                 graphs["nodes"] += len(gm.graph.nodes)
                 compiled = normfuse.backend(gm, example_inputs)
-                graphs["removed"] += counters["normfuse"]["nodes_removed"] - before[0]
-                graphs["rewrites"] += counters["normfuse"]["rewrites"] - before[1]
+                for name, key, b in zip(("removed", "rewrites", "pass_failed"), keys, before):
+                    graphs[name] += counters["normfuse"][key] - b
                 return compiled
 
             return fused
         return "inductor"
 
     def cold_first_call(self, fn, variant: str, make_step, sync) -> tuple[Callable, float, Any, dict]:
-        graphs = {"count": 0, "nodes": 0, "removed": 0, "rewrites": 0}
+        graphs = {"count": 0, "nodes": 0, "removed": 0, "rewrites": 0, "pass_failed": 0}
         with _fresh_cache(self.tmp):
             compiled = torch.compile(fresh_copy(fn), backend=self._backend(variant, graphs), dynamic=False)
             step = make_step(compiled)
@@ -156,14 +157,17 @@ class Worker:
             if variant in res:
                 res[variant]["max_diff"] = max_abs_diff(result, ref)
         timed = {v: s for v, s in steps.items() if v in job["variants"] and v in TIMED}
-        for variant, ms in time_interleaved(timed, job["repeats"], job["target_ms"] / 1e3, sync).items():
-            res[variant]["run_ms"] = ms
+        for variant, t in time_interleaved(timed, job["repeats"], job["target_ms"] / 1e3, sync).items():
+            res[variant].update(run_ms=t["ms"], run_min_ms=t["min_ms"], run_samples=t["samples"])
         for variant, graphs in live_graphs.items():
             if graphs != res[variant]["graphs"]:  # a guard failed in steady state: the timing is suspect
                 res[variant]["recompiled"] = True
         if device.type == "cuda" and not train and "normfuse" in steps:
-            res["normfuse"]["kernel_ms"] = cuda_kernel_ms(steps["normfuse"])
-            res["normfuse"]["min_bytes"] = sum(t.nbytes for t in tree_leaves((inputs, ref)) if isinstance(t, torch.Tensor))
+            try:
+                res["normfuse"]["kernel_ms"], res["normfuse"]["kernels"] = cuda_kernel_ms(steps["normfuse"])
+                res["normfuse"]["min_bytes"] = sum(t.nbytes for t in tree_leaves((inputs, ref)) if isinstance(t, torch.Tensor))
+            except Exception as e:  # the profiler is an extra: keep the job's timings
+                res["normfuse"]["kernel_ms_error"] = f"{type(e).__name__}: {e}"[:300]
         return res
 
 
@@ -185,9 +189,16 @@ def max_abs_diff(a, b, broadcast: bool = False) -> float:
     return max(((x.detach().double() - y.detach().double()).abs().max().item() for x, y in zip(xs, ys)), default=0.0)
 
 
-def time_interleaved(steps: dict[str, Callable], repeats: int, target_s: float, sync) -> dict[str, float]:
-    """Median ms per call of each step; every repeat runs every step once, in rotating order."""
-    loops = {}
+def time_interleaved(steps: dict[str, Callable], repeats: int, target_s: float, sync, budget_s: float = 0.6) -> dict[str, dict]:
+    """Steady state of each step: ``{"ms": median, "min_ms": min, "samples": n}`` per call.
+
+    Each sample is a loop of about ``target_s``; every round takes one sample of every step, in
+    rotating order, so the variants share whatever else the machine is doing. Short samples and
+    many rounds keep the median clear of preemption on a busy machine (most 1 ms samples run
+    uninterrupted even when other processes take half the core); a step stops after ``budget_s``
+    of samples (but takes at least 5).
+    """
+    loops, wanted = {}, {}
     for name, step in steps.items():
         for _ in range(3):
             step()
@@ -195,11 +206,15 @@ def time_interleaved(steps: dict[str, Callable], repeats: int, target_s: float, 
         t0 = time.perf_counter()
         step()
         sync()
-        loops[name] = max(1, int(target_s / max(time.perf_counter() - t0, 1e-7)))
+        once = max(time.perf_counter() - t0, 1e-7)
+        loops[name] = max(1, int(target_s / once))
+        wanted[name] = min(repeats, max(5, int(budget_s / (once * loops[name]))))
     samples: dict[str, list[float]] = {name: [] for name in steps}
     names = list(steps)
-    for r in range(repeats):
+    for r in range(max(wanted.values(), default=0)):
         for name in names[r % len(names) :] + names[: r % len(names)]:
+            if len(samples[name]) >= wanted[name]:
+                continue
             step, n = steps[name], loops[name]
             sync()
             t0 = time.perf_counter()
@@ -207,19 +222,23 @@ def time_interleaved(steps: dict[str, Callable], repeats: int, target_s: float, 
                 step()
             sync()
             samples[name].append((time.perf_counter() - t0) / n * 1e3)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return {name: {"ms": statistics.median(s), "min_ms": min(s), "samples": len(s)} for name, s in samples.items()}
 
 
-def cuda_kernel_ms(step: Callable, calls: int = 20) -> float:
-    """Device time of the kernels one call launches, from the profiler (ms per call)."""
+def cuda_kernel_ms(step: Callable, calls: int = 20) -> tuple[float, dict[str, float]]:
+    """Device time of the kernels one call launches (ms per call), and each kernel's µs per call."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             step()
         torch.cuda.synchronize()
-    total_us = sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages())
-    return total_us / calls / 1e3
+    kernels: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            kernels[e.name] = kernels.get(e.name, 0.0) + e.self_device_time_total / calls
+    return sum(kernels.values()) / 1e3, kernels
 
 
 def copy_bandwidth_gbs() -> float:
@@ -240,15 +259,17 @@ def copy_bandwidth_gbs() -> float:
     return 2 * 2**30 / statistics.median(times) / 1e9
 
 
-def warm_up(device: torch.device) -> None:
+def warm_up(device: torch.device, backward: bool) -> None:
     def unrelated(a, b):
         return (a.sin() * b).sum(0) + b.cos().mean()
 
-    a = torch.randn(8, 8, device=device, requires_grad=True)
+    a = torch.randn(8, 8, device=device, requires_grad=backward)
     b = torch.randn(8, 8, device=device)
     tmp = tempfile.mkdtemp(prefix="normfuse-bench-warm-")
     with _fresh_cache(tmp):  # normfuse's backend ends in Inductor: both get warm
-        torch.compile(unrelated, backend=normfuse.backend)(a, b).sum().backward()
+        out = torch.compile(unrelated, backend=normfuse.backend)(a, b).sum()
+        if backward:
+            out.backward()
     torch._dynamo.reset()
 
 
@@ -259,10 +280,11 @@ def main() -> None:
     device = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cpu")
     worker = Worker(proto)
     t0 = time.perf_counter()
-    warm_up(device)
+    warm_up(device, backward="--no-backward" not in sys.argv)
     info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device_name": "cpu"}
     if device.type == "cuda":
         info.update(device_name=torch.cuda.get_device_name(), copy_gbs=copy_bandwidth_gbs())
+        torch.cuda.empty_cache()
     worker.emit(event="ready", warmup_s=time.perf_counter() - t0, **info)
     for line in sys.stdin:
         job = json.loads(line)

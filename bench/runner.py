@@ -1,6 +1,6 @@
 """The parent side: worker processes, a watchdog per compile, and the plan of jobs.
 
-Each worker (``python -m bench.harness DEVICE``) warms up once and then serves jobs one by one.
+Each worker (``python -m bench.harness DEVICE``) warms up once (backward too, if any job trains) and then serves jobs one by one.
 When a compile runs past ``timeout`` seconds the worker is killed, that variant is recorded as
 timed out (``>N s``), and the job is run again without it in a fresh worker.
 """
@@ -32,12 +32,12 @@ class WorkerTimeout(RuntimeError):
 
 
 class WorkerProcess:
-    def __init__(self, device: str, log) -> None:
+    def __init__(self, device: str, log, backward: bool) -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=_pythonpath())
         if device == "cpu":
             env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.harness", device],
+            [sys.executable, "-m", "bench.harness", device] + ([] if backward else ["--no-backward"]),
             cwd=ROOT,
             env=env,
             stdin=subprocess.PIPE,
@@ -46,9 +46,13 @@ class WorkerProcess:
             start_new_session=True,  # its own process group, so a kill reaches compile subprocesses
         )
         self.pending = b""
-        self.info = self.read(STARTUP_TIMEOUT_S, "start-up")
-        if self.info.get("event") != "ready":
-            raise WorkerDied(f"worker did not start: {self.info}")
+        try:
+            self.info = self.read(STARTUP_TIMEOUT_S, "start-up")
+            if self.info.get("event") != "ready":
+                raise WorkerDied(f"worker did not start: {self.info}")
+        except BaseException:  # a failed start, a timeout or an interrupt: leave no worker behind
+            self.kill()
+            raise
 
     def read(self, timeout: float, what: str) -> dict:
         """The next event, or WorkerTimeout if none comes within ``timeout`` seconds."""
@@ -94,8 +98,8 @@ def _pythonpath() -> str:
 class Runner:
     """Runs jobs in one worker at a time, restarting it after a timeout or a crash."""
 
-    def __init__(self, device: str, timeout: float, log_path: Path) -> None:
-        self.device, self.timeout = device, timeout
+    def __init__(self, device: str, timeout: float, log_path: Path, backward: bool = True) -> None:
+        self.device, self.timeout, self.backward = device, timeout, backward
         self.log = open(log_path, "w")
         self.worker: WorkerProcess | None = None
         self.info: dict = {}
@@ -103,7 +107,7 @@ class Runner:
 
     def _worker(self) -> WorkerProcess:
         if self.worker is None:
-            self.worker = WorkerProcess(self.device, self.log)
+            self.worker = WorkerProcess(self.device, self.log, self.backward)
             self.starts += 1
             self.info = self.worker.info
         return self.worker
@@ -155,4 +159,9 @@ class Runner:
         if self.worker is not None:
             self.worker.close()
             self.worker = None
+        self.log.close()
+
+    def abort(self) -> None:
+        """Kill the worker now (the run was interrupted)."""
+        self._drop_worker()
         self.log.close()

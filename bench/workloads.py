@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 D = 512  # features per sample of the (B, D) workloads
 IMAGE = (3, 32, 32)  # (C, H, W) of the image workloads
+IMAGE_224 = (3, 224, 224)  # ImageNet-sized inputs: enough bytes per call to measure bandwidth
 EMBED = 128  # embedding width of the contrastive loss
 CAPSULE_BATCH, CAPSULE_DIM = 16, 8  # CapsNet primary capsules: (batch, B capsules, 8)
 LAYER = 64  # width of the MLP whose parameters the DP-SGD and grad-norm workloads use
@@ -66,6 +67,18 @@ def l2_image_naive(x):
 
 def l2_image_ideal(x):
     return torch.linalg.vector_norm(x, dim=(1, 2, 3))
+
+
+# --- PGD-L2 attack step: per-sample unit-norm gradient, ImageNet-sized -------------------------
+
+
+def pgd_l2_naive(grad):
+    return torch.stack([g / g.norm() for g in grad])
+
+
+def pgd_l2_ideal(grad):
+    # advertorch's normalize_by_pnorm, Madry lab's robustness library: one norm per sample
+    return grad / torch.linalg.vector_norm(grad.flatten(1), dim=1).view(-1, 1, 1, 1)
 
 
 # --- DP-SGD: per-sample clipping over a list of per-sample gradients ------------------------
@@ -224,6 +237,14 @@ WORKLOADS: dict[str, Workload] = {
             lambda B, dev: (_randn(B, *IMAGE, device=dev),),
             trains=True,
             grad_args=(0,),
+        ),
+        Workload(
+            "pgd-l2",
+            "stack([g / g.norm() for g in grad]), grad (B, 3, 224, 224), under no_grad",
+            pgd_l2_naive,
+            pgd_l2_ideal,
+            lambda B, dev: (_randn(B, *IMAGE_224, device=dev),),
+            trains=False,
         ),
         Workload(
             "dpsgd-clip",
