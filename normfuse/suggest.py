@@ -42,6 +42,7 @@ from .passes.graph_utils import (
     source_line,
     tensor_value,
 )
+from .passes.chains import ChainGroup, MultiNormGroup
 from .passes.grouping import NormGroup, ProgramGroup
 from .passes.programs import Ref, reduce_dims
 
@@ -453,8 +454,36 @@ def _norm_part(w: _Writer, group: ProgramGroup) -> Suggestion | None:
     return None
 
 
+def _chain(w: _Writer, group: ChainGroup) -> Suggestion:
+    site = group.site
+    x = w.value(site.inputs[0])
+    dims = site.dims if site.dims is not None else tuple(range(tensor_value(site.inputs[0]).ndim))
+    out = w.vector_norm(x, site.recipe, dims, site.keepdim)
+    if tuple(tensor_value(site.root).shape) != tuple(_shape_after(site, dims)):
+        raise _Unwritable("the chain's result is reshaped")
+    return w.finish(out, KIND_NORM)
+
+
+def _shape_after(site, dims: tuple[int, ...]) -> list[Any]:
+    shape = list(tensor_value(site.inputs[0]).shape)
+    return [1 if i in dims else s for i, s in enumerate(shape)] if site.keepdim else _without(shape, set(dims))
+
+
+def _multi_norm(w: _Writer, group: MultiNormGroup) -> Suggestion:
+    if len({tensor_value(t).dtype for t in group.tensors}) > 1:
+        raise _Unwritable("tensors of several dtypes")
+    ord_text = _ord_arg(group.ord)
+    norms = ", ".join(f"torch.linalg.vector_norm({w.value(t).text}{ord_text})" for t in group.tensors)
+    return w.finish(_E(f"torch.linalg.vector_norm(torch.stack([{norms}]){ord_text})"), KIND_NORM)
+
+
 def suggest(group: Any, graph: fx.Graph) -> Suggestion | None:
     """Runnable code for what ``group`` computes, batched; None if it has no faithful spelling."""
+    if isinstance(group, (ChainGroup, MultiNormGroup)):
+        try:
+            return (_chain if isinstance(group, ChainGroup) else _multi_norm)(_Writer(graph), group)
+        except _Unwritable:
+            return None
     if isinstance(group, NormGroup):
         try:
             return _norm_group(_Writer(graph), group)
@@ -530,6 +559,10 @@ def element_nodes(group: Any) -> tuple[str, ...]:
         program = group.programs[0]
         nodes = [n for sl in program.leaves for n in (sl.parent, sl.node)] + list(program.nodes)
         nodes += [n for op in program.ops if op.site is not None for n in op.site.inputs]
+    elif isinstance(group, ChainGroup):
+        nodes = [*group.site.inputs, *group.site.nodes]
+    elif isinstance(group, MultiNormGroup):
+        nodes = [*group.tensors, *group.nodes]
     else:
         return ()
     return tuple(dict.fromkeys(n.name for n in nodes if n is not None))

@@ -158,3 +158,21 @@ def test_multi_tensor_mutation_between_terms_left_alone(monkeypatch):
 def test_multi_tensor_exact_mode_left_alone():
     traced = compare_with_eager(global_norm, *_tensors(torch.float32), exact=True, bitwise=True)
     assert traced.report.rewrites == []
+
+
+def test_explain_suggests_and_checks_loop_free_rewrites(monkeypatch):
+    import normfuse
+
+    monkeypatch.setitem(chains.MULTI_TENSOR_FORM, "cpu", "vector_norm")
+
+    def fn(x, a, b):
+        return x / torch.sqrt(torch.sum(x**2, -1, keepdim=True)), torch.sqrt(sum((p**2).sum() for p in (a, b)))
+
+    report = normfuse.explain(fn, torch.randn(3, 4), torch.randn(5), torch.randn(2, 2), print_table=False)
+    by_pattern = {r.pattern: r for r in report.rewrites}
+    assert by_pattern["chain"].suggestion == "torch.linalg.vector_norm(x, dim=1, keepdim=True)"
+    assert by_pattern["multi-tensor"].suggestion == (
+        "torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)]))"
+    )
+    assert all(r.check == "passed" for r in report.rewrites)
+    assert report.skipped == []  # the inner sum of squares belongs to the global norm

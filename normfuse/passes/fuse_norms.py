@@ -78,9 +78,11 @@ def _find_all(graph: fx.Graph, exact: bool) -> list[Any]:
             claimed |= item.owned_nodes()
     order = topo_order(graph)
     nodes = list(graph.nodes)
-    found += find_multi_norms(graph, claimed, order, nodes)
-    found += find_chains(graph, claimed, order, nodes)
-    return found
+    loop_free = find_multi_norms(graph, claimed, order, nodes) + find_chains(graph, claimed, order, nodes)
+    # an add chain of squared norms is no loop to report when it is part of a global norm
+    # (rewritten, or kept as the fastest form: either way the finders claimed it)
+    found = [f for f in found if not (isinstance(f, Skipped) and f.combiner.node in claimed)]
+    return found + loop_free
 
 
 def _describe_loop_free(item: ChainGroup | MultiNormGroup, coverage: str, removed: int) -> Rewrite:
@@ -94,11 +96,13 @@ def _describe_loop_free(item: ChainGroup | MultiNormGroup, coverage: str, remove
         root = item.root
         source = ", ".join(dict.fromkeys(describe_source(t) for t in item.tensors))
         ord_, dims, spelling, pattern, count = item.ord, (), item.spelling, "multi-tensor", len(item.tensors)
-    return Rewrite(
+    rewrite = Rewrite(
         pattern=pattern, source=source, dim=-1, slices=count, coverage=coverage, ord=ord_,
         dims=tuple(dims), spelling=spelling, nodes_removed=removed, location=location(root),
-        code=source_line(root), exact=False,
+        code=source_line(root), exact=False, node=root.name, anchor=item.anchor.name,
     )
+    _attach_suggestion(rewrite, item, root.graph)
+    return rewrite
 
 
 def _describe(item: NormGroup | ProgramGroup, coverage: str, removed: int, exact: bool) -> Rewrite:
@@ -137,19 +141,23 @@ def _describe(item: NormGroup | ProgramGroup, coverage: str, removed: int, exact
         node=comb.node.name,
         anchor=item.anchor.name,
     )
+    _attach_suggestion(rewrite, item, comb.node.graph)
+    return rewrite
+
+
+def _attach_suggestion(rewrite: Rewrite, item: Any, graph: fx.Graph) -> None:
     from ..suggest import element_nodes, suggest  # here: normfuse.suggest imports this package
 
     try:  # the graph is rewritten by now: describing it must not fail the pass
         rewrite.element_nodes = element_nodes(item)
-        found = suggest(item, comb.node.graph)
+        found = suggest(item, graph)
     except Exception as e:
-        log.debug("normfuse: no suggestion for the %s at %s: %s: %s", comb.kind, rewrite.location, type(e).__name__, e)
+        log.debug("normfuse: no suggestion for the %s at %s: %s: %s", rewrite.pattern, rewrite.location, type(e).__name__, e)
         found = None
     if found is not None:
         rewrite.suggestion, rewrite.suggestion_kind, rewrite.names, rewrite.note = (
             found.code, found.kind, found.names, found.note
         )
-    return rewrite
 
 
 def _fuse_exported(ep: "torch.export.ExportedProgram", exact: bool) -> FuseReport:
