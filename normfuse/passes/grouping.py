@@ -56,13 +56,8 @@ class NormGroup:
 
     def owned_nodes(self) -> set[fx.Node]:
         """Every node the rewrite makes dead if nothing else uses it."""
-        owned = {self.combiner.node, *self.combiner.chain}
-        for site, sl in zip(self.sites, self.slices):
-            owned.update(site.nodes)
-            owned.update(site.inputs)
-            if sl.parent is not None:
-                owned.add(sl.parent)
-        return owned
+        nodes = [n for site in self.sites for n in (*site.nodes, *site.inputs)]
+        return _owned(self.combiner, nodes, self.slices)
 
 
 @dataclasses.dataclass
@@ -74,14 +69,17 @@ class ProgramGroup:
     anchor: fx.Node
 
     def owned_nodes(self) -> set[fx.Node]:
-        owned = {self.combiner.node, *self.combiner.chain}
-        for program in self.programs:
-            owned |= program.nodes
-            for sl in program.leaves:
-                owned.add(sl.node)
-                if sl.parent is not None:
-                    owned.add(sl.parent)
-        return owned
+        nodes = [n for program in self.programs for n in program.nodes]
+        return _owned(self.combiner, nodes, [sl for program in self.programs for sl in program.leaves])
+
+
+def _owned(combiner: Combiner, nodes: list[fx.Node], slices: list[SliceOf]) -> set[fx.Node]:
+    owned = {combiner.node, *combiner.chain, *nodes}
+    for sl in slices:
+        owned.add(sl.node)
+        if sl.parent is not None:
+            owned.add(sl.parent)
+    return owned
 
 
 @dataclasses.dataclass

@@ -101,41 +101,28 @@ def _match_getitem_index(source: torch.Tensor, index: Any) -> tuple[int, int, bo
     return dim, unit[0], unit[1]
 
 
+# Slices named by (dim, position): how to read the position, and whether the dim is kept.
+_POSITIONAL_SLICES = {
+    "select": (lambda a: a["index"], False),
+    "slice": (lambda a: slice(a["start"], a["end"], a["step"]), True),  # ATen's x[i:i+1]
+    "narrow": (lambda a: a["start"] if a["length"] == 1 else None, True),
+}
+
+
 def match_slice(node: fx.Node) -> SliceOf | None:
     name = op_name(node)
     args = bind(node)
     if args is None:
         return None
-    if name == "select":
-        source = args["input"]
+    if name in _POSITIONAL_SLICES:
+        index_of, keepdim = _POSITIONAL_SLICES[name]
+        source, index = args["input"], index_of(args)
         src = tensor_value(source)
-        if src is None:
+        if src is None or index is None:
             return None
         dim = normalize_dim(args["dim"], src.ndim)
-        unit = None if dim is None else _unit_index(args["index"], src.shape[dim])
-        if unit is None:
-            return None
-        return SliceOf(node, source, dim, unit[0], False)
-    if name == "slice":  # ATen's x[i:i+1]
-        source = args["input"]
-        src = tensor_value(source)
-        if src is None:
-            return None
-        dim = normalize_dim(args["dim"], src.ndim)
-        unit = None if dim is None else _unit_index(slice(args["start"], args["end"], args["step"]), src.shape[dim])
-        if unit is None:
-            return None
-        return SliceOf(node, source, dim, unit[0], True)
-    if name == "narrow":
-        source = args["input"]
-        src = tensor_value(source)
-        if src is None or args["length"] != 1:
-            return None
-        dim = normalize_dim(args["dim"], src.ndim)
-        unit = None if dim is None else _unit_index(args["start"], src.shape[dim])
-        if unit is None:
-            return None
-        return SliceOf(node, source, dim, unit[0], True)
+        unit = None if dim is None else _unit_index(index, src.shape[dim])
+        return None if unit is None else SliceOf(node, source, dim, unit[0], keepdim)
     if name != "getitem":
         return None
     parent, index = args["input"], args["index"]
