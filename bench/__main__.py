@@ -5,12 +5,14 @@
     python -m bench --device cuda            # the same on a GPU
     python -m bench --workloads l2-index,wgan-gp --sizes 32,128 --modes fwd+bwd --sweep none
     python -m bench --sweep l2-image:fwd:64,256,1024 --sizes 64
+    python -m bench --render bench/results/cpu.json   # redo cpu.md (and the PNG) from the JSON
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import shlex
 import signal
@@ -75,6 +77,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for <device>.md/.json/-sweep.png")
     p.add_argument("--name", default=None, help="file stem (default: the device, e.g. cpu, cuda-h100; '-quick' added with --quick)")
     p.add_argument("--no-plot", action="store_true", help="skip the sweep's PNG")
+    p.add_argument("--render", type=Path, metavar="JSON", help="only redo the .md (and PNG) of a saved run from its .json")
     args = p.parse_args(argv)
     unknown = set(args.workloads.split(",")) - set(WORKLOADS)
     if unknown:
@@ -113,13 +116,17 @@ def _normfuse_revision() -> str:
     try:
         git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()  # noqa: E731
         rev = git("rev-parse", "--short", "HEAD")
-        return (rev + (" + uncommitted normfuse/ edits" if git("status", "--porcelain", "--", "normfuse") else "")) or "unknown"
+        if not rev:
+            return "unknown"
+        return rev + (" + uncommitted normfuse/ edits" if git("status", "--porcelain", "--", "normfuse") else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.render:
+        return render(args.render, plot=not args.no_plot)
     preset = PRESETS["quick" if args.quick else "full"]
     jobs = plan(args, preset)
     started = time.monotonic()
@@ -129,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     runner = Runner(args.device, args.timeout, log, backward=any(job["mode"] == "fwd+bwd" for job in jobs))
     data = {
         "meta": {
-            "command": "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv),
+            "command": " ".join(["python -m bench", shlex.join(sys.argv[1:] if argv is None else argv)]).strip(),
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "device": args.device,
             "out": os.path.relpath(args.out),
@@ -138,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             "sample_ms": preset[2],
             "normfuse_revision": _normfuse_revision(),
             "load_before": os.getloadavg()[0],
-            "workloads": {n: WORKLOADS[n].naive_code for n in dict.fromkeys(job["workload"] for job in jobs)},
+            "workloads": {n: f"{WORKLOADS[n].naive_code}; B = {WORKLOADS[n].b_means}" for n in dict.fromkeys(job["workload"] for job in jobs)},
         },
         "rows": [],
     }
@@ -192,18 +199,31 @@ def _finish(data: dict, runner: Runner, args: argparse.Namespace, started: float
     )
     slug = args.name or report.device_slug(args.device, meta["device_name"])
     meta["slug"] = slug + ("-quick" if args.quick else "")
-    sweeps = {k: v for k, v in report.sections(data["rows"]).items() if k != "table"}
-    if final and sweeps and not args.no_plot:
-        png = report.plot_sweeps(sweeps, args.out / f"{meta['slug']}-sweep.png")
-        meta["plot"] = png.name if png else None
+    if final:
+        _publish(data, args.out, plot=not args.no_plot)
+    else:
+        report.save(data, args.out)
+
+
+def _publish(data: dict, out: Path, plot: bool) -> None:
+    """Write the JSON, the markdown and the sweep's PNG; print the tables."""
+    sweeps = report.sweep_points(data["rows"])
+    if sweeps and plot:
+        png = report.plot_sweeps(sweeps, out / f"{data['meta']['slug']}-sweep.png")
+        data["meta"]["plot"] = png.name if png else None
         if png is None:
             print("matplotlib is not installed: no sweep plot (pip install matplotlib)")
-    report.save(data, args.out)
-    if not final:
-        return
+    report.save(data, out)
     print()
     print(report.text(data))
 
+
+def render(path: Path, plot: bool) -> int:
+    """Redo the markdown (and the PNG) of a saved run from its JSON, e.g. after a report change."""
+    data = json.loads(path.read_text())
+    data["meta"]["out"] = os.path.relpath(path.parent)
+    _publish(data, path.parent, plot)
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

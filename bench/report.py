@@ -243,7 +243,7 @@ def markdown(data: dict) -> str:
         f"normfuse at {meta['normfuse_revision']}. Load average (1 min) {meta['load_before']:.1f} before, "
         f"{meta['load_after']:.1f} after: other work shared the 2 cores, so compare ratios within a row more than "
         "absolute times across rows." if meta["device"] == "cpu" else f"normfuse at {meta['normfuse_revision']}.",
-        "",
+        *([meta["note"] + ".", ""] if meta.get("note") else [""]),
         "first = first call (s) after a cold compile: fresh function, fresh `TORCHINDUCTOR_CACHE_DIR`, "
         "Inductor caches cleared, FX graph and AOT autograd caches off, each worker warmed up on an unrelated "
         "function first; median of up to 3 while cheap. run = steady-state ms per call: median of up to "
@@ -275,7 +275,18 @@ def save(data: dict, out_dir: Path) -> tuple[Path, Path]:
     return json_path, md_path
 
 
-def plot_sweeps(sweeps: dict[str, list[dict]], path: Path) -> Path | None:
+def sweep_points(rows: list[dict]) -> dict[str, dict[int, dict]]:
+    """Per sweep, ``{B: result}``; rows of the same workload and mode from the table join in."""
+    out = {}
+    for section in sections(rows):
+        if section == "table":
+            continue
+        _, name, mode = section.split(" ")
+        out[section] = {r["B"]: r["result"] for r in rows if (r["workload"], r["mode"]) == (name, mode)}
+    return out
+
+
+def plot_sweeps(sweeps: dict[str, dict[int, dict]], path: Path) -> Path | None:
     """First call and run time against B (log-log), one row per sweep; None without matplotlib."""
     try:
         import matplotlib
@@ -288,7 +299,7 @@ def plot_sweeps(sweeps: dict[str, list[dict]], path: Path) -> Path | None:
     styles = {"inductor": ("stock Inductor", "C3", "-"), "normfuse": ("normfuse", "C0", "-"), "ideal": ("ideal", "C2", "--")}
     for (section, rows), (ax1, ax2) in zip(sweeps.items(), axes):
         for variant, (label, color, ls) in styles.items():
-            pts = [(r["B"], r["result"].get(variant, {})) for r in rows]
+            pts = sorted((B, r.get(variant, {})) for B, r in rows.items())
             done = [(b, v["first_call_s"]) for b, v in pts if v.get("first_call_s") and not v.get("timed_out")]
             late = [(b, v["first_call_s"]) for b, v in pts if v.get("timed_out")]
             runs = [(b, v["run_ms"]) for b, v in pts if v.get("run_ms")]

@@ -199,51 +199,34 @@ def _grad_norm_inputs(B: int, device: torch.device) -> tuple:
     return (params,)
 
 
+def _tensor(*shape: int, scale: float = 1.0) -> Callable[[int, torch.device], tuple]:
+    """``make_inputs`` for one (B, *shape) tensor."""
+    return lambda B, dev: (_randn(B, *shape, device=dev) * scale,)
+
+
+def _trains(name: str, code: str, naive, ideal, make_inputs, grad_args=(0,), **kw) -> Workload:
+    return Workload(name, code, naive, ideal, make_inputs, trains=True, grad_args=grad_args, **kw)
+
+
 WORKLOADS: dict[str, Workload] = {
     w.name: w
     for w in [
-        Workload(
-            "l2-index",
-            "stack([sqrt((x[i]**2).sum()) for i in range(B)]), x (B, 512)",
-            l2_index_naive,
-            l2_ideal,
-            lambda B, dev: (_randn(B, D, device=dev),),
-            trains=True,
-            grad_args=(0,),
-        ),
-        Workload(
-            "l2-iter",
-            "stack([linalg.norm(row) for row in x]), x (B, 512)",
-            l2_iter_naive,
-            l2_ideal,
-            lambda B, dev: (_randn(B, D, device=dev),),
-            trains=True,
-            grad_args=(0,),
-        ),
-        Workload(
-            "l2-unbind",
-            "stack([r.norm() for r in x.unbind(0)]), x (B, 512)",
-            l2_unbind_naive,
-            l2_ideal,
-            lambda B, dev: (_randn(B, D, device=dev),),
-            trains=True,
-            grad_args=(0,),
-        ),
-        Workload(
+        _trains("l2-index", "stack([sqrt((x[i]**2).sum()) for i in range(B)]), x (B, 512)", l2_index_naive, l2_ideal, _tensor(D)),
+        _trains("l2-iter", "stack([linalg.norm(row) for row in x]), x (B, 512)", l2_iter_naive, l2_ideal, _tensor(D)),
+        _trains("l2-unbind", "stack([r.norm() for r in x.unbind(0)]), x (B, 512)", l2_unbind_naive, l2_ideal, _tensor(D)),
+        _trains(
             "l2-image",
             "stack([x[i].norm() for i in range(len(x))]), x (B, 3, 32, 32)",
             l2_image_naive,
             l2_image_ideal,
-            lambda B, dev: (_randn(B, *IMAGE, device=dev),),
-            trains=True,
-            grad_args=(0,),
+            _tensor(*IMAGE),
         ),
         Workload(
             "pgd-l2",
             "stack([g / g.norm() for g in grad]), grad (B, 3, 224, 224), under no_grad",
             pgd_l2_naive,
             pgd_l2_ideal,
-            lambda B, dev: (_randn(B, *IMAGE_224, device=dev),),
+            _tensor(*IMAGE_224),
             trains=False,
         ),
         Workload(
@@ -254,42 +237,35 @@ WORKLOADS: dict[str, Workload] = {
             _dpsgd_inputs,
             trains=False,
         ),
-        Workload(
+        _trains(
             "contrastive",
             "stack([e / e.norm() for e in z]) for both views, then InfoNCE, z (B, 128)",
             contrastive_naive,
             contrastive_ideal,
             lambda B, dev: (_randn(B, EMBED, device=dev), _randn(B, EMBED, device=dev, seed=1)),
-            trains=True,
             grad_args=(0, 1),
         ),
-        Workload(
+        _trains(
             "wgan-gp",
             "stack([(g.norm(2) - 1)**2 for g in grad]).mean(), grad (B, 3, 32, 32)",
             wgan_gp_naive,
             wgan_gp_ideal,
-            lambda B, dev: (_randn(B, *IMAGE, device=dev) * 0.1,),
-            trains=True,
-            grad_args=(0,),
+            _tensor(*IMAGE, scale=0.1),
         ),
-        Workload(
+        _trains(
             "capsule-squash",
             "per capsule c = s[:, j]: sq = (c**2).sum(-1, keepdim=True); sq/(1+sq) * c/sqrt(sq), s (16, B, 8)",
             squash_naive,
             squash_ideal,
             lambda B, dev: (_randn(CAPSULE_BATCH, B, CAPSULE_DIM, device=dev),),
-            trains=True,
-            grad_args=(0,),
             b_means="capsules",
         ),
-        Workload(
+        _trains(
             "edge-lengths",
             "stack([sqrt(((p[a] - p[b])**2).sum()) for a, b in edges]), p (B/2, 3)",
             edges_naive,
             edges_ideal,
             _edges_inputs,
-            trains=True,
-            grad_args=(0,),
             b_means="edges",
         ),
         Workload(
