@@ -69,8 +69,8 @@ SUGGESTIONS = {
     "dpsgd": (dpsgd_norms, [(5, 4, 3), (5, 7), (5, 2, 2, 2)],
               "torch.sqrt(0 + (g1 ** 2).sum((1, 2)) + (g2 ** 2).sum(1) + (g3 ** 2).sum((1, 2, 3)))"),
     "edges": (edge_lengths_norm, [(6, 3)],
-              "torch.linalg.vector_norm(p.index_select(0, torch.tensor([0, 1, 2, 3, 0, 4, 5]))"
-              " - p.index_select(0, torch.tensor([1, 2, 3, 0, 2, 5, 1])), dim=1)"),
+              "torch.linalg.vector_norm(p.index_select(0, torch.tensor([0, 1, 2, 3, 0, 4, 5, 3]))"
+              " - p.index_select(0, torch.tensor([1, 2, 3, 0, 2, 5, 1, 3])), dim=1)"),
     "shared_weight": (scaled_by_weight, [(5, 6), (6,)], "torch.linalg.vector_norm(x * w, dim=1) * w.sum()"),
     "capsule_squash": (capsule_squash, [(3, 4, 5)],
                        "c = s.movedim(1, 0)\nsq = (c ** 2).sum(2, keepdim=True)\n(sq / (1 + sq) * c / torch.sqrt(sq)).movedim(0, 1)"),

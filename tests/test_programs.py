@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DTYPES, TOLERANCES, compare_with_eager
+from conftest import DTYPES, TOLERANCES, compare_with_eager, rewrite
 
 
 def normalise_rows(z):  # contrastive / metric learning
@@ -40,6 +40,7 @@ def dpsgd_clip(g1, g2, max_norm=1.0):
 
 
 EDGES = [(0, 1), (1, 2), (2, 3), (3, 0), (0, 2), (4, 5), (5, 1)]
+SELF_LOOP = EDGES + [(3, 3)]  # a zero-length edge: one position, read twice
 
 
 def edge_lengths(p):
@@ -47,7 +48,7 @@ def edge_lengths(p):
 
 
 def edge_lengths_norm(p):
-    return torch.stack([(p[a] - p[b]).norm(dim=-1) for a, b in EDGES])
+    return torch.stack([(p[a] - p[b]).norm(dim=-1) for a, b in SELF_LOOP])
 
 
 def distances_to_set(p, q):  # what torch.cdist computes, a row at a time
@@ -184,3 +185,17 @@ def test_distances_stay_one_fused_reduction_not_cdist():
     traced = compare_with_eager(distances_to_set, *_inputs([(16, 3), (9, 3)], torch.float32))
     assert traced.count(torch.linalg.vector_norm) == 1 and "cdist" not in traced.after
     assert "unsqueeze" in traced.after  # p[i] - q broadcast as P[:, None] - q
+
+
+def test_self_loop_edge_with_sqrt_spelling_has_the_documented_zero_gradient():
+    # sqrt(sum(d**2)) at d == 0 has a NaN gradient in the loop; the batched vector_norm gives 0
+    fn = lambda p: torch.stack([torch.sqrt(((p[a] - p[b]) ** 2).sum()) for a, b in SELF_LOOP])  # noqa: E731
+    p = _inputs([(6, 3)], torch.float32)[0]
+    eager, comp = p.clone().requires_grad_(), p.clone().requires_grad_()
+    fn(eager).sum().backward()
+    traced = rewrite(fn, comp)
+    traced.out.sum().backward()
+    assert len(traced.report.rewrites) == 1
+    torch.testing.assert_close(traced.out, fn(p))
+    assert torch.isnan(eager.grad[3]).all() and not torch.isnan(comp.grad).any()
+    torch.testing.assert_close(comp.grad[[0, 1, 2, 4, 5]], eager.grad[[0, 1, 2, 4, 5]])

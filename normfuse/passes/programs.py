@@ -88,17 +88,18 @@ def _const_key(value: Any) -> Any:
 def extract_program(root: fx.Node) -> Program:
     """Read the program computing ``root``; raise ``NotAProgram`` if it is not one."""
     leaves: list[SliceOf] = []
-    leaf_ids: dict[tuple, int] = {}
+    leaf_ids: dict[fx.Node, int] = {}
     ops: list[ProgramOp] = []
     memo: dict[fx.Node, Ref] = {}
     nodes: set[fx.Node] = set()
 
     def leaf(sl: SliceOf) -> Ref:
-        key = (sl.key, sl.index)
-        if key not in leaf_ids:
-            leaf_ids[key] = len(leaves)
+        # One position per slice *node*: ``p[a] - p[b]`` keeps two positions when a == b, so
+        # that a self-loop edge runs the same program as every other edge.
+        if sl.node not in leaf_ids:
+            leaf_ids[sl.node] = len(leaves)
             leaves.append(sl)
-        return Ref("leaf", leaf_ids[key])
+        return Ref("leaf", leaf_ids[sl.node])
 
     def operand(value: Any) -> Any:
         if isinstance(value, fx.Node):
@@ -127,8 +128,9 @@ def extract_program(root: fx.Node) -> Program:
             return leaf(sl)
         site = match_norm(node)
         if site is not None and _site_is_private(site) and not _under_a_root(site):
-            inputs = [visit(i) for i in site.inputs]
-            if len(set(inputs)) != 1 or not depends(inputs[0]):
+            # ``x[i] * x[i]`` has two slice nodes of one position (match_norm checked): read the first
+            inputs = [visit(site.inputs[0])]
+            if not depends(inputs[0]):
                 raise NotAProgram("norm of a value that is not per slice")
             nodes.update(site.nodes)
             ops.append(ProgramOp("norm", node, (inputs[0],), {}, site))
