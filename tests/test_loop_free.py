@@ -102,17 +102,21 @@ def _tensors(dtype, seed=0):
 MULTI = [global_norm, global_norm_of_norms, global_linf, clip_by_global_norm]
 
 
+# what each form puts in the graph: (vector_norm calls, stack, cat, _foreach_norm)
+FORMS = {"vector_norm": (4, 1, 0, 0), "foreach": (1, 1, 0, 1), "cat": (1, 0, 1, 0)}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fn", MULTI, ids=lambda f: f.__name__)
-def test_multi_tensor_norm(fn, dtype, monkeypatch):
-    monkeypatch.setitem(chains.MULTI_TENSOR_FORM, "cpu", "vector_norm")
+def test_multi_tensor_norm(fn, dtype, form, monkeypatch):
+    monkeypatch.setitem(chains.MULTI_TENSOR_FORM, "cpu", form)
     traced = compare_with_eager(fn, *_tensors(dtype))
     (rw,) = traced.report.rewrites
-    assert rw.pattern == "multi-tensor" and rw.slices == 3
+    assert rw.pattern == "multi-tensor" and rw.slices == 3 and rw.coverage == f"3 tensors, {form}"
     assert rw.source == "L['a'], L['b'], L['c']"
-    # one norm per tensor, then one of their stack
-    assert traced.count(torch.linalg.vector_norm) == 4
-    assert traced.count(torch.stack) == 1
+    counts = tuple(traced.count(t) for t in (torch.linalg.vector_norm, torch.stack, torch.cat, torch._foreach_norm))
+    assert counts == FORMS[form], traced.after
 
 
 @pytest.mark.parametrize("fn", MULTI, ids=lambda f: f.__name__)
@@ -128,19 +132,12 @@ def test_multi_tensor_l1_is_a_plain_sum_and_left_alone():
     assert not [r for r in traced.report.rewrites if r.pattern == "multi-tensor"]
 
 
-def test_multi_tensor_mixed_dtypes(monkeypatch):
-    monkeypatch.setitem(chains.MULTI_TENSOR_FORM, "cpu", "vector_norm")
+@pytest.mark.parametrize("form", list(FORMS))
+def test_multi_tensor_mixed_dtypes(form, monkeypatch):
+    monkeypatch.setitem(chains.MULTI_TENSOR_FORM, "cpu", form)
     a, b, c = _tensors(torch.float32)
     traced = compare_with_eager(global_norm, a.half(), b, c.double(), tol=TOLERANCES[torch.float16])
     assert traced.out.dtype == torch.float64 and len(traced.report.rewrites) == 1
-
-
-def test_multi_tensor_foreach_form(monkeypatch):
-    monkeypatch.setitem(chains.MULTI_TENSOR_FORM, "cpu", "foreach")
-    traced = compare_with_eager(global_norm, *_tensors(torch.float32))
-    assert traced.count(torch._foreach_norm) == 1
-    (rw,) = traced.report.rewrites
-    assert rw.coverage == "3 tensors, foreach"
 
 
 def test_multi_tensor_mutation_between_terms_left_alone(monkeypatch):

@@ -384,7 +384,8 @@ def _aten_form(op: str, target: Any, args: tuple, kwargs: dict) -> tuple[Any, tu
         return overload[target], (x, _int_list(dims), keepdim), kwargs
     simple = {
         torch.abs: aten.abs.default, torch.sqrt: aten.sqrt.default, torch.square: aten.square.default,
-        torch.mul: aten.mul.Tensor, torch.stack: aten.stack.default, torch.index_select: aten.index_select.default,
+        torch.mul: aten.mul.Tensor, torch.stack: aten.stack.default, torch.cat: aten.cat.default,
+        torch.index_select: aten.index_select.default,
         torch._foreach_norm: aten._foreach_norm.Scalar,
     }
     if target is torch.pow:
