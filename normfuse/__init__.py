@@ -11,10 +11,11 @@ NORMFUSE_LOG=1 (or debug) logs each rewrite to stderr; TORCH_LOGS="+normfuse" wo
 
 from .backend import backend
 from .explain import explain
+from .inductor_pass import install, uninstall
 from .passes import fuse_norms
 from .report import FuseReport, Rewrite, Skip
 
-__all__ = ["backend", "explain", "fuse_norms", "FuseReport", "Rewrite", "Skip"]
+__all__ = ["backend", "explain", "fuse_norms", "install", "uninstall", "FuseReport", "Rewrite", "Skip"]
 __version__ = "0.1.0"
 
 from .logs import configure_from_env as _configure_logs  # noqa: E402
