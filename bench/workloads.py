@@ -174,6 +174,28 @@ def _edges_inputs(B: int, device: torch.device) -> tuple:
     return _randn(vertices, 3, device=device), index.tolist(), index.to(device)
 
 
+# --- distances from each point to a set (what torch.cdist computes), a row at a time --------
+
+
+def distances_naive(p, q):
+    return torch.stack([(p[i] - q).norm(dim=-1) for i in range(p.shape[0])])
+
+
+def distances_ideal(p, q):
+    return torch.linalg.vector_norm(p[:, None] - q, dim=-1)
+
+
+# --- a loop-free chain: normalising rows by a hand-written norm ------------------------------
+
+
+def chain_naive(x):
+    return x / torch.sqrt(torch.sum(x**2, -1, keepdim=True))
+
+
+def chain_ideal(x):
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+
+
 # --- global gradient norm over a model's parameters ------------------------------------------
 
 
@@ -267,6 +289,21 @@ WORKLOADS: dict[str, Workload] = {
             edges_ideal,
             _edges_inputs,
             b_means="edges",
+        ),
+        _trains(
+            "distances",
+            "stack([(p[i] - q).norm(dim=-1) for i in range(B)]), p (B, 16), q (64, 16)",
+            distances_naive,
+            distances_ideal,
+            lambda B, dev: (_randn(B, 16, device=dev), _randn(64, 16, device=dev, seed=1)),
+            grad_args=(0, 1),
+        ),
+        _trains(
+            "chain",
+            "x / sqrt(sum(x**2, -1, keepdim=True)), no loop, x (B, 512)",
+            chain_naive,
+            chain_ideal,
+            _tensor(D),
         ),
         Workload(
             "grad-norm",
