@@ -91,18 +91,6 @@ KNOWN_BUGS = {
     "repeated slices of a one-element source: Inductor fails on the index_select backward": Known(
         lambda p: p.reordered_grads and math.prod(p.inputs[0].shape) == 1, inductor_compiles=False,
     ),
-    "exact result keeps the source's strides: a reduction after the stack rounds differently": Known(
-        lambda p: any(s.layout != "contiguous" for s in p.inputs)
-        and re.search(r"\(parts_\w+, dim=-?\d+\)\.(sum|mean)\(\)", p.source) is not None,
-        exact_forward="tolerance", exact_grads="tolerance",
-    ),
-    "exact mode on slices strided in two dims or more: the reduction adds in another order": Known(
-        lambda p: any(s.layout != "contiguous" for s in p.inputs) and any(len(f.dims) >= 2 for f in p.fibers),
-        exact_forward="tolerance", exact_grads="tolerance",
-    ),
-    "an add chain of per-slice programs that end in an add is not rewritten": Known(
-        lambda p: "chain" in p.tags and "post=affine" in p.tags, expect_rewrite=False,
-    ),
 }
 
 

@@ -93,9 +93,6 @@ def normalise_columns(x):
     return torch.stack([x[:, i] / (torch.sqrt((x[:, i] ** 2).sum()) + 1e-6) for i in range(x.shape[1])], dim=1)
 
 
-@_bug("exact mode: a per-slice program on a non-contiguous source returns the source's strides "
-      "((1, 5) for x = randn(3, 5).t()) where torch.stack returns a contiguous tensor, so a reduction "
-      "after the stack (.sum()) adds in another order: not bitwise")
 def test_exact_program_result_is_laid_out_like_stack():
     x = torch.randn(3, 5).t()
     assert rewrite(normalise_columns, x, exact=True).out.stride() == normalise_columns(x).stride()
@@ -110,9 +107,6 @@ def l2_stack(x):
     return torch.stack([torch.sqrt((x[i] ** 2).sum()) for i in range(x.shape[0])])
 
 
-@_bug("exact mode on a source whose slices are strided in two dims (x = randn(3, 4, 5).transpose(0, 2)): "
-      "the batch is made contiguous and reduced over (1, 2), which adds in another order than the "
-      "loop's sum over each strided slice: forward and backward not bitwise (34 of 40 seeds)")
 def test_exact_mode_on_slices_strided_in_two_dims():
     for seed in range(8):
         torch._dynamo.reset()
@@ -126,8 +120,6 @@ def affine_add_chain(x):
     return parts[0] + parts[1] + parts[2]
 
 
-@_bug("an add chain (a + b + c) of per-slice programs that themselves end in an add (n * 2 + 1) is "
-      "neither rewritten nor reported (sum(...) and torch.stack of the same program are rewritten)")
 def test_add_chain_of_programs_ending_in_an_add_is_rewritten():
     traced = compare_with_eager(affine_add_chain, torch.randn(4, 3))
     assert len(traced.report.rewrites) == 1

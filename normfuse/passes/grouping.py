@@ -120,7 +120,7 @@ def _sum_chain(last: fx.Node) -> Combiner | None:
         if not isinstance(rhs, fx.Node):
             return None
         elements.append(rhs)
-        if isinstance(lhs, fx.Node) and is_plain_add(lhs) and len(lhs.users) == 1:
+        if isinstance(lhs, fx.Node) and _chain_link(lhs):
             chain.append(lhs)
             node = lhs
             continue
@@ -132,6 +132,15 @@ def _sum_chain(last: fx.Node) -> Combiner | None:
     if len(elements) < 2:
         return None
     return Combiner(last, "sum", elements[::-1], 0, chain[::-1])
+
+
+def _chain_link(node: fx.Node) -> bool:
+    """An add that continues a sum: it adds an element to the sum so far (or to sum's start, 0).
+    ``n * 2 + 1`` adds a constant: it is an element that ends in an add, not a link."""
+    if not (is_plain_add(node) and len(node.users) == 1):
+        return False
+    lhs, rhs = node.args
+    return isinstance(rhs, fx.Node) and (isinstance(lhs, fx.Node) or (is_number(lhs) and lhs == 0))
 
 
 def _near_miss_reason(root: fx.Node) -> str | None:

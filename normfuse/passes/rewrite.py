@@ -182,6 +182,10 @@ def emit_group(b: NodeBuilder, group: NormGroup, exact: bool) -> tuple[dict[fx.N
             y = _replay(b, xs, group.site.recipe, group.reduce_dims)
             y = y if d == 0 else b.method("movedim", y, d, 0)
         else:
+            reduced = tensor_value(group.site.reduction.args[0])
+            if reduced is None or not reduced.is_contiguous():
+                # e.g. slices strided in two dims: the loop reduces each in its own memory order
+                raise RewriteError("exact mode cannot reproduce the loop's reduction order over a strided slice")
             z = xs if d == 0 else b.method("movedim", xs, d, 0)
             if not tensor_value(z).is_contiguous():
                 z = b.method("contiguous", z)
@@ -202,7 +206,11 @@ def _combine(b: NodeBuilder, stacked: fx.Node, comb: Combiner, exact: bool) -> d
             if element not in replacements:
                 replacements[element] = b.call(operator.getitem, items, j)
         return replacements
-    return {comb.node: _place(b, stacked, comb)}
+    out = _place(b, stacked, comb)
+    if exact and not tensor_value(out).is_contiguous():
+        # torch.stack/cat return contiguous tensors; a later reduction adds in memory order
+        out = b.method("contiguous", out)
+    return {comb.node: out}
 
 
 def _check(replacements: dict[fx.Node, fx.Node]) -> None:
