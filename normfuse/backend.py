@@ -10,6 +10,7 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from .passes import fuse_norms
+from .passes.fuse_norms import RewrittenThenFailed
 from .report import FuseReport
 
 log = logging.getLogger("normfuse")
@@ -19,14 +20,19 @@ OPTION_EXACT = "normfuse.exact"
 
 
 def run_pass(gm: fx.GraphModule, *, exact: bool = False) -> FuseReport:
-    """``fuse_norms`` that never raises: on any failure the graph is left unmodified."""
+    """``fuse_norms`` that never raises. A failure before the rewrite is committed leaves the graph
+    unmodified; one after it (dead-code elimination, recompile, the report) leaves it rewritten,
+    consistent and checked, and the warning says which."""
     try:
         return fuse_norms(gm, exact=exact)
+    except RewrittenThenFailed as e:
+        what, error = "pass failed after rewriting the graph, which is compiled as rewritten", str(e)
     except Exception as e:  # the user's compile must not break because of us
-        counters["normfuse"]["pass_failed"] += 1
-        log.warning("normfuse: pass failed, compiling the unmodified graph: %s: %s", type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
-        n = len(gm.graph.nodes)
-        return FuseReport(nodes_before=n, nodes_after=n, exact=exact, error=f"{type(e).__name__}: {e}")
+        what, error = "pass failed, compiling the unmodified graph", f"{type(e).__name__}: {e}"
+    counters["normfuse"]["pass_failed"] += 1
+    log.warning("normfuse: %s: %s", what, error, exc_info=log.isEnabledFor(logging.DEBUG))
+    n = len(gm.graph.nodes)
+    return FuseReport(nodes_before=n, nodes_after=n, exact=exact, error=error)
 
 
 def backend(

@@ -234,6 +234,19 @@ def fuse_norms(gm: fx.GraphModule, *, exact: bool = False) -> FuseReport:
             b.discard()
         raise
 
+    try:
+        return _finish(gm, planned, report, exact)
+    except Exception as e:
+        raise RewrittenThenFailed(f"{type(e).__name__}: {e}") from e
+
+
+class RewrittenThenFailed(Exception):
+    """A failure after the rewrite was committed: the graph is rewritten (and consistent)."""
+
+
+def _finish(gm: fx.GraphModule, planned: list, report: FuseReport, exact: bool) -> FuseReport:
+    """Dead-code elimination, recompile, and the report, once the new nodes are in use."""
+    graph = gm.graph
     owned = [item.owned_nodes() for item, *_ in planned]
     graph.eliminate_dead_code(is_impure_node=is_impure)
     graph.lint()
