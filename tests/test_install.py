@@ -24,8 +24,9 @@ def naive(x):
 
 @pytest.fixture(autouse=True)
 def clean_config():
-    """Every test starts with no pre-grad pass and leaves none behind."""
-    with inductor_config.patch(pre_grad_custom_pass=None):
+    """Every test starts with no pre-grad pass and leaves none behind, and with empty Inductor
+    caches: a warm cache from an earlier run (same normfuse source, same uuid) would skip the pass."""
+    with inductor_config.patch(pre_grad_custom_pass=None), fresh_cache():
         yield
 
 
