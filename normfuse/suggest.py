@@ -45,6 +45,7 @@ from .passes.graph_utils import (
 from .passes.chains import ChainGroup, MultiNormGroup
 from .passes.grouping import NormGroup, ProgramGroup
 from .passes.programs import Ref, reduce_dims
+from .passes.rewrite import without_dims
 
 KIND_NORM = "batched norm"  # the whole group: one vector_norm and a layout
 KIND_PROGRAM = "batched program"  # the whole per-slice program, run once on the batch
@@ -317,10 +318,6 @@ class _Writer:
         return out
 
 
-def _without(shape: list[Any], dims: set[int]) -> list[Any]:
-    return [s for i, s in enumerate(shape) if i not in dims]
-
-
 def _norm_group(w: _Writer, group: NormGroup) -> Suggestion:
     recipe, comb, d, dims = group.site.recipe, group.combiner, group.dim, group.reduce_dims
     n = len(group.indices)
@@ -328,20 +325,20 @@ def _norm_group(w: _Writer, group: NormGroup) -> Suggestion:
     shape = list(tensor_value(group.source).shape)
     shape[d] = n
     per = list(tensor_value(group.site.root).shape)
-    dropped = _without(shape, set(dims))  # the shape of vector_norm(xs, dim=dims)
+    dropped = without_dims(shape, set(dims))  # the shape of vector_norm(xs, dim=dims)
     kept = [1 if i in dims else s for i, s in enumerate(shape)]  # ... with keepdim=True
     dd = d - sum(r < d for r in dims)  # where the sliced dim lands when the others are dropped
     # the layouts where one vector_norm already is the combiner's result
     direct = {
-        ("stack", dd, False): _without(dropped, {dd}),
-        ("stack", d, True): _without(kept, {d}),
+        ("stack", dd, False): without_dims(dropped, {dd}),
+        ("stack", d, True): without_dims(kept, {d}),
         ("cat", dd, False): dropped[:dd] + [1] + dropped[dd + 1 :],
         ("cat", d, True): kept[:d] + [1] + kept[d + 1 :],
     }
     for (kind, at, keepdim), want in direct.items():
         if comb.kind == kind and comb.dim == at and same_shape(per, want):
             return w.finish(w.vector_norm(xs, recipe, dims, keepdim), KIND_NORM)
-    if comb.kind in ("stack", "sum") and same_shape(per, _without(dropped, {dd})):
+    if comb.kind in ("stack", "sum") and same_shape(per, without_dims(dropped, {dd})):
         y = w.vector_norm(xs, recipe, dims, False)
         if comb.kind == "sum":
             return w.finish(w.method(y, "sum", str(dd)), KIND_NORM)
@@ -466,7 +463,7 @@ def _chain(w: _Writer, group: ChainGroup) -> Suggestion:
 
 def _shape_after(site, dims: tuple[int, ...]) -> list[Any]:
     shape = list(tensor_value(site.inputs[0]).shape)
-    return [1 if i in dims else s for i, s in enumerate(shape)] if site.keepdim else _without(shape, set(dims))
+    return [1 if i in dims else s for i, s in enumerate(shape)] if site.keepdim else without_dims(shape, set(dims))
 
 
 def _multi_norm(w: _Writer, group: MultiNormGroup) -> Suggestion:

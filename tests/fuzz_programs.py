@@ -403,7 +403,6 @@ def draw_norm_loop(draw, name: str, src: str, arg: int, spec_shape, dtype, form:
     combiner = draw(st.sampled_from(combiners))
     unrelated = draw(st.sampled_from(["", "", "", "aux", "side", "inplace"]))
 
-    loop_var = "v" if form == "iterate" else "i"
     head = f"for v in {src}:" if form == "iterate" else f"for i in {cov_text}:"
     if unrelated == "aux":
         lines.append(f"aux_{name} = y.sum() * 0")

@@ -27,7 +27,6 @@ import functools
 import json
 import math
 import os
-import re
 from collections import Counter
 from types import SimpleNamespace
 from typing import Callable

@@ -123,7 +123,7 @@ def _casts(b: NodeBuilder, xs: fx.Node, steps: tuple[tuple, ...]) -> fx.Node:
     return xs
 
 
-def _without(shape: list[Any], dims: set[int]) -> list[Any]:
+def without_dims(shape: list[Any], dims: set[int]) -> list[Any]:
     return [s for i, s in enumerate(shape) if i not in dims]
 
 
@@ -131,19 +131,19 @@ def _direct(b: NodeBuilder, xs: fx.Node, group: NormGroup, per_slice: torch.Size
     """One vector_norm whose layout is already the combiner's, if there is one."""
     comb, d, dims = group.combiner, group.dim, group.reduce_dims
     shape = list(tensor_value(xs).shape)
-    dropped = _without(shape, set(dims))  # keepdim=False result
+    dropped = without_dims(shape, set(dims))  # keepdim=False result
     kept = [1 if i in dims else s for i, s in enumerate(shape)]  # keepdim=True result
     d_dropped = d - sum(r < d for r in dims)
     per = list(per_slice)
-    if comb.kind == "stack" and comb.dim == d_dropped and same_shape(per, _without(dropped, {d_dropped})):
+    if comb.kind == "stack" and comb.dim == d_dropped and same_shape(per, without_dims(dropped, {d_dropped})):
         return _vector_norm(b, xs, group, dims, False)
-    if comb.kind == "stack" and comb.dim == d and same_shape(per, _without(kept, {d})):
+    if comb.kind == "stack" and comb.dim == d and same_shape(per, without_dims(kept, {d})):
         return _vector_norm(b, xs, group, dims, True)
     if comb.kind == "cat" and comb.dim == d_dropped and same_shape(per, dropped[:d_dropped] + [1] + dropped[d_dropped + 1 :]):
         return _vector_norm(b, xs, group, dims, False)
     if comb.kind == "cat" and comb.dim == d and same_shape(per, kept[:d] + [1] + kept[d + 1 :]):
         return _vector_norm(b, xs, group, dims, True)
-    if comb.kind == "sum" and same_shape(per, _without(dropped, {d_dropped})):
+    if comb.kind == "sum" and same_shape(per, without_dims(dropped, {d_dropped})):
         return b.method("sum", _vector_norm(b, xs, group, dims, False), d_dropped)
     return None
 
